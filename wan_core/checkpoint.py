@@ -1,0 +1,205 @@
+"""Load a Wan 2.1 network from a checkpoint file in any published layout.
+
+The flow is: open the file lazily (:mod:`wan_core.files`), identify kind, layout and config
+from keys and shapes (:mod:`wan_core.layouts`), build the module on the meta device, then
+stream tensors in one at a time, dequantising fp8 and casting to the storage dtype on the
+way. Peak RAM stays near one copy of the weights in their storage dtype. Every check that can
+fail (wrong kind, truncated file, unknown layout, missing tokenizer) runs before any weight
+is read.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .files import CheckpointError, TensorFile, open_checkpoint
+from .layouts import KIND_NAMES, Detected, Recipe, detect
+
+__all__ = ["CheckpointError", "LoadReport", "inspect_checkpoint", "load_module", "read_state_dict",
+           "find_tokenizer"]
+
+log = logging.getLogger("wan_core")
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Params a loader may find absent and fill with zeros: unused by Wan (CLIP projection and
+# post-norm; HF CLIPVisionModel files without the projection omit them).
+_OPTIONAL_PARAMS = {"clip_vision": ("head", "post_norm.weight", "post_norm.bias")}
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What was loaded: printed as one line and kept on the module as ``checkpoint_report``."""
+
+    path: Path
+    kind: str
+    layout: str
+    variant: str
+    quant: str
+    file_dtypes: tuple[str, ...]
+    storage_dtype: str
+    config: object
+
+    def line(self) -> str:
+        return (f"wan_core: loaded {self.path.name}: {self.variant} ({self.kind}, layout {self.layout}, "
+                f"file {'/'.join(self.file_dtypes)}{'' if self.quant == 'none' else ' ' + self.quant}, "
+                f"stored as {self.storage_dtype})")
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> Detected:
+    """Kind, layout, config and quantisation of ``path``, reading only its header."""
+    with open_checkpoint(path) as tf:
+        return detect(tf)
+
+
+def _expect_kind(det: Detected, kind: str, path: Path) -> None:
+    if det.kind == kind:
+        return
+    what, folder = KIND_NAMES[det.kind]
+    want, want_folder = KIND_NAMES[kind]
+    raise CheckpointError(f"{path.name} is {what}; this loader needs {want} (from {want_folder}). "
+                          f"Load this file with the {det.kind.replace('_', ' ')} loader instead.")
+
+
+def _read_recipe(tf: TensorFile, det: Detected, recipe: Recipe, scales: dict[str, str]) -> torch.Tensor:
+    parts = []
+    for key in recipe.keys:
+        t = tf.read(key)
+        if key in scales:
+            # ComfyUI scaled fp8: the real weight is W_fp8 * scale_weight (a float32 scalar).
+            t = t.to(torch.float32) * tf.read(scales[key]).to(torch.float32)
+        parts.append(t)
+    if recipe.op == "cat":
+        return torch.cat(parts, dim=0)
+    if recipe.op == "transpose":
+        return parts[0].t().contiguous()
+    if recipe.op == "reshape":
+        return parts[0].reshape(recipe.shape)
+    return parts[0]
+
+
+def _target_dtype(name: str, src: torch.dtype, dtype: torch.dtype | None,
+                  keep_fp32: Callable[[str], bool] | None) -> torch.dtype:
+    if not src.is_floating_point:
+        return src
+    if keep_fp32 is not None and keep_fp32(name):
+        return torch.float32
+    if dtype is not None:
+        return dtype
+    return torch.bfloat16 if src in _FP8 else src
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, path: Path, key: str) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    old = owner._parameters.get(leaf)
+    if old is None:
+        raise CheckpointError(f"{path.name}: tensor '{key}' maps to '{name}', which this model does not have.")
+    if tuple(old.shape) != tuple(tensor.shape):
+        if tensor.numel() == old.numel():
+            tensor = tensor.reshape(old.shape)
+        else:
+            raise CheckpointError(f"{path.name}: tensor '{key}' has shape {list(tensor.shape)}, expected "
+                                  f"{list(old.shape)} for '{name}'; the file does not match its own inferred config.")
+    owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def load_module(path: str | os.PathLike, kind: str, build, dtype: torch.dtype | None = None,
+                device: torch.device | str = "cpu",
+                keep_fp32: Callable[[str], bool] | None = None) -> tuple[nn.Module, Detected]:
+    """Build ``build(config)`` on the meta device and stream ``path``'s tensors into it.
+
+    ``kind``: the expected kind ("dit", "vae", "t5", "clip_vision"); another kind raises a
+    :class:`CheckpointError` that says which loader the file belongs to.
+    ``dtype``: storage dtype of floating tensors (None keeps the file's, fp8 -> bf16);
+    names for which ``keep_fp32(name)`` is true are stored float32 whatever ``dtype`` is
+    (each network's precision policy).
+    Returns the module (eval mode, no grad) and the detection result.
+    """
+    path = Path(path)
+    device = torch.device(device)
+    with open_checkpoint(path) as tf:
+        det = detect(tf)
+        _expect_kind(det, kind, path)
+        with torch.device("meta"):
+            model = build(det.config)
+        params = dict(model.named_parameters())
+        unexpected = sorted(n for n in det.recipes if n not in params)
+        if unexpected:
+            keys = [det.recipes[n].keys[0] for n in unexpected]
+            raise CheckpointError(f"{path.name}: unknown keys for {det.description}: {', '.join(keys[:8])}"
+                                  f"{' ...' if len(keys) > 8 else ''}.")
+        optional = _OPTIONAL_PARAMS.get(kind, ())
+        missing = sorted(n for n in params if n not in det.recipes and n not in optional)
+        if missing:
+            raise CheckpointError(f"{path.name}: incomplete {det.description}: missing "
+                                  f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}.")
+        scales = dict(det.scales)
+        src_dtypes: set[str] = set()
+        stored: set[str] = set()
+        for name, recipe in det.recipes.items():
+            src = tf.dtype(recipe.keys[0])
+            src_dtypes.add(str(src).replace("torch.", ""))
+            t = _read_recipe(tf, det, recipe, scales)
+            target = _target_dtype(name, src, dtype, keep_fp32)
+            t = t.to(device=device, dtype=target)
+            stored.add(str(target).replace("torch.", ""))
+            _assign(model, name, t, path, recipe.keys[0])
+        for name in optional:
+            if name in params and name not in det.recipes:
+                p = params[name]
+                _assign(model, name, torch.zeros(p.shape, dtype=dtype or torch.float32, device=device), path, name)
+    model.eval().requires_grad_(False)
+    report = LoadReport(path, det.kind, det.layout, det.config.variant, det.quant, tuple(sorted(src_dtypes)),
+                        "/".join(sorted(stored)), det.config)
+    model.checkpoint_report = report  # type: ignore[attr-defined]
+    log.info(report.line())
+    return model, det
+
+
+def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> tuple[dict[str, torch.Tensor], Detected]:
+    """The whole checkpoint as internal (official) names, dequantised; for tests and tools.
+
+    Holds every tensor in memory: use the ``load_*`` functions for real models.
+    """
+    out: dict[str, torch.Tensor] = {}
+    with open_checkpoint(path) as tf:
+        det = detect(tf)
+        scales = dict(det.scales)
+        for name, recipe in det.recipes.items():
+            t = _read_recipe(tf, det, recipe, scales)
+            out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out, det
+
+
+def find_tokenizer(path: Path, det: Detected, tokenizer_path: str | os.PathLike | None = None) -> bytes:
+    """Serialized sentencepiece model for a umT5 file, checked before any weight is read.
+
+    Order: an explicit ``tokenizer_path``; the ``spiece_model`` tensor ComfyUI embeds; a
+    ``spiece.model`` next to the file or in ``google/umt5-xxl/`` beside it (official layout).
+    """
+    candidates = []
+    if tokenizer_path is not None:
+        tp = Path(tokenizer_path)
+        candidates.append(tp / "spiece.model" if tp.is_dir() else tp)
+        if not candidates[-1].is_file():
+            raise CheckpointError(f"tokenizer file {candidates[-1]} does not exist.")
+    if not candidates and det.tokenizer_key is not None:
+        with open_checkpoint(path) as tf:
+            return tf.read(det.tokenizer_key).numpy().tobytes()
+    candidates += [path.parent / "spiece.model", path.parent / "google" / "umt5-xxl" / "spiece.model",
+                   path.parent / f"{path.stem}.spiece.model"]
+    for c in candidates:
+        if c.is_file():
+            return c.read_bytes()
+    raise CheckpointError(
+        f"{path.name} is a umT5 text encoder without an embedded tokenizer (no 'spiece_model' key). "
+        f"Put the umT5 tokenizer file 'spiece.model' (from google/umt5-xxl in the Wan 2.1 repo) next to "
+        f"it as {path.parent / 'spiece.model'}, or use ComfyUI's umt5_xxl_fp16.safetensors / "
+        "umt5_xxl_fp8_e4m3fn_scaled.safetensors, which embed it.")
+

@@ -1,0 +1,136 @@
+"""Frozen configuration dataclasses for the four Wan 2.1 networks.
+
+Every config is inferred from tensor shapes by ``wan_core.layouts``; nothing here is read
+from a file name. ``KNOWN_*`` tables name the published variants so a load can print
+"T2V-1.3B" instead of a list of numbers, and so tests can check inference against them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DIT_HEAD_DIM = 128  # every published Wan 2.1 DiT; no tensor stores the head count
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Wan 2.1 diffusion transformer. ``model_type`` is "t2v", "i2v" or "flf2v"."""
+
+    dim: int
+    ffn_dim: int
+    num_layers: int
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    text_len: int = 512
+    model_type: str = "t2v"
+    clip_dim: int = 1280          # width of the CLIP tokens fed to img_emb (i2v / flf2v)
+    image_pos_len: int = 0        # flf2v: rows of img_emb.emb_pos (2 x 257 = 514)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    head_dim: int = DIT_HEAD_DIM
+
+    @property
+    def num_heads(self) -> int:
+        return self.dim // self.head_dim
+
+    @property
+    def has_image_input(self) -> bool:
+        return self.model_type in ("i2v", "flf2v")
+
+    @property
+    def variant(self) -> str:
+        """Published name when the shapes match one, else a descriptive string."""
+        for name, known in KNOWN_DIT.items():
+            if _same_arch(known, self):
+                return name
+        return f"custom-{self.model_type}(dim={self.dim}, layers={self.num_layers}, in={self.in_dim})"
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Wan 2.1 causal 3D VAE (stride 4 in time, 8 in space)."""
+
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+
+    @property
+    def variant(self) -> str:
+        return "Wan2.1-VAE" if self == VAEConfig() else f"custom-VAE(dim={self.dim}, z={self.z_dim})"
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """umT5 encoder (official ``T5Encoder`` argument names)."""
+
+    vocab: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+    max_distance: int = 128
+    shared_pos: bool = False      # umT5: a relative-position table in every layer
+    eps: float = 1e-6
+    text_len: int = 512
+
+    @property
+    def variant(self) -> str:
+        return "umT5-XXL" if self == T5Config() else f"custom-umT5(dim={self.dim}, layers={self.num_layers})"
+
+
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    """Visual tower of open-clip xlm-roberta-large ViT-H/14."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1280
+    mlp_dim: int = 5120
+    num_layers: int = 32
+    head_dim: int = 80
+    out_dim: int = 1024           # width of the projection ``head`` (unused by Wan)
+    eps: float = 1e-5
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @property
+    def num_heads(self) -> int:
+        return self.width // self.head_dim
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def variant(self) -> str:
+        return "ViT-H/14" if self == CLIPVisionConfig() else f"custom-ViT(width={self.width}, layers={self.num_layers})"
+
+
+def _same_arch(a: DiTConfig, b: DiTConfig) -> bool:
+    keys = ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "text_dim", "model_type")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+KNOWN_DIT: dict[str, DiTConfig] = {
+    "T2V-1.3B": DiTConfig(dim=1536, ffn_dim=8960, num_layers=30),
+    "T2V-14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40),
+    "I2V-14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, model_type="i2v"),
+    "FLF2V-14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, model_type="flf2v",
+                           image_pos_len=514),
+}
+
+# Latent normalisation of the Wan 2.1 VAE (per channel), published with the model.
+VAE_LATENT_MEAN: tuple[float, ...] = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+VAE_LATENT_STD: tuple[float, ...] = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+__all__ = ["DiTConfig", "VAEConfig", "T5Config", "CLIPVisionConfig", "KNOWN_DIT",
+           "VAE_LATENT_MEAN", "VAE_LATENT_STD", "DIT_HEAD_DIM"]

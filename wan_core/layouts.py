@@ -1,0 +1,462 @@
+"""What a checkpoint holds, from its keys and shapes alone, and how its keys map to ours.
+
+This is the one place where key names are converted. Internally every network uses the
+official Wan 2.1 names (``blocks.0.self_attn.q.weight``); each published layout (official,
+ComfyUI ``model.diffusion_model.``-prefixed, ComfyUI/HF text encoder, HF CLIP vision,
+diffusers) is mapped to them by a :class:`Recipe` per internal tensor. Configs are inferred
+from tensor shapes, never from file names.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from .configs import CLIPVisionConfig, DiTConfig, T5Config, VAEConfig
+from .files import CheckpointError, TensorFile
+
+__all__ = ["Recipe", "Detected", "detect", "KIND_NAMES", "Config"]
+
+Config = Union[DiTConfig, VAEConfig, T5Config, CLIPVisionConfig]
+
+KIND_NAMES = {
+    "dit": ("a Wan 2.1 diffusion model (DiT)", "models/diffusion_models"),
+    "vae": ("a Wan 2.1 VAE", "models/vae"),
+    "t5": ("a umT5-XXL text encoder", "models/text_encoders"),
+    "clip_vision": ("a CLIP ViT-H/14 vision encoder", "models/clip_vision"),
+}
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to build one internal tensor from file tensors.
+
+    ``op``: "copy" (one key), "cat" (concatenate keys on dim 0: HF q/k/v -> to_qkv),
+    "transpose" (one 2-D key, transposed: HF visual_projection -> head), "reshape" (one key,
+    reshaped to the parameter's shape: HF class/position embeddings).
+    """
+
+    keys: tuple[str, ...]
+    op: str = "copy"
+    shape: tuple[int, ...] | None = None   # target shape of "reshape"
+
+
+@dataclass(frozen=True)
+class Detected:
+    """The result of :func:`detect`: kind, layout, config and the key recipes."""
+
+    kind: str                      # "dit" | "vae" | "t5" | "clip_vision"
+    layout: str                    # "official" | "comfy" (prefixed) | "diffusers" | "hf"
+    config: Config
+    recipes: dict[str, Recipe]     # internal name -> how to read it
+    quant: str = "none"            # "none" | "fp8_e4m3fn" | "fp8_e5m2" | "scaled_fp8_e4m3fn" | ...
+    scales: tuple[tuple[str, str], ...] = ()   # (file weight key, file scale_weight key)
+    tokenizer_key: str | None = None           # ComfyUI text encoders embed the spm model
+    ignored: tuple[str, ...] = ()              # keys deliberately unused (e.g. CLIP textual.*)
+
+    @property
+    def description(self) -> str:
+        return f"{self.config.variant} [{self.kind}, layout={self.layout}, weights={self.quant}]"
+
+
+# ---------------------------------------------------------------------------------------
+# entry point
+
+
+def detect(tf: TensorFile) -> Detected:
+    """Identify ``tf``'s kind and layout, infer its config and map its keys.
+
+    Raises :class:`CheckpointError` naming the file for anything that is not a Wan 2.1
+    network we can load (LoRA, Wan 2.2, other model families, unknown layouts).
+    """
+    keys = set(tf.keys())
+    name = tf.path.name
+    if not keys:
+        raise CheckpointError(f"{name}: the file holds no tensors.")
+    _refuse_known_others(name, keys)
+    stripped, prefix = _strip_prefix(keys, ("model.diffusion_model.", "diffusion_model.", "model."))
+    if "head.modulation" in stripped or "scale_shift_table" in stripped and any(
+            k.startswith("condition_embedder.") for k in stripped):
+        return _detect_dit(tf, prefix)
+    vae_keys, vprefix = _strip_prefix(keys, ("model.", "vae.", "first_stage_model."))
+    if "decoder.middle.0.residual.0.gamma" in vae_keys or "decoder.mid_block.resnets.0.norm1.gamma" in vae_keys:
+        return _detect_vae(tf, vprefix)
+    if "token_embedding.weight" in keys and "blocks.0.attn.q.weight" in keys:
+        return _detect_t5_official(tf)
+    if any(k.startswith("encoder.block.") for k in keys) and (
+            "shared.weight" in keys or "encoder.embed_tokens.weight" in keys):
+        return _detect_t5_hf(tf)
+    if "visual.cls_embedding" in keys or "cls_embedding" in keys and "transformer.0.attn.to_qkv.weight" in keys:
+        return _detect_clip_official(tf)
+    if "vision_model.embeddings.class_embedding" in keys:
+        return _detect_clip_hf(tf)
+    sample = ", ".join(sorted(keys)[:8])
+    raise CheckpointError(
+        f"{name}: unknown checkpoint layout: it is not a Wan 2.1 DiT, VAE, umT5 text encoder or "
+        f"CLIP vision model in any layout this loader knows. First keys: {sample}.")
+
+
+def _strip_prefix(keys: set[str], prefixes: tuple[str, ...]) -> tuple[set[str], str]:
+    for p in prefixes:
+        if keys and all(k.startswith(p) for k in keys - {"scaled_fp8"}):
+            return {k[len(p):] if k.startswith(p) else k for k in keys}, p
+    return keys, ""
+
+
+def _refuse_known_others(name: str, keys: set[str]) -> None:
+    if any(".lora_up." in k or ".lora_down." in k or ".lora_A." in k or ".lora_B." in k for k in keys):
+        raise CheckpointError(f"{name} is a LoRA, not a base model. Load a Wan 2.1 model here and "
+                              "apply the LoRA with a LoRA node.")
+    if any(k.endswith("vace_patch_embedding.weight") for k in keys):
+        raise CheckpointError(f"{name} is a Wan VACE model, which Wan Core does not support yet.")
+    if any("decoder.upsamples.0.upsamples.0.residual.2.weight" in k for k in keys):
+        raise CheckpointError(f"{name} is the Wan 2.2 VAE (48 latent channels); Wan 2.1 models need "
+                              "wan_2.1_vae.safetensors (16 latent channels).")
+    flux = ("double_blocks.0.img_attn.qkv.weight", "joint_blocks.0.x_block.attn.qkv.weight",
+            "input_blocks.0.0.weight", "transformer_blocks.0.attn.to_q.weight")
+    for k in keys:
+        for marker in flux:
+            if k.endswith(marker):
+                raise CheckpointError(f"{name} is a diffusion model of another family (key '{k}'), "
+                                      "not Wan 2.1.")
+
+
+def _quant_and_scales(tf: TensorFile, keys: set[str], weight_of: dict[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """fp8 flavour of the file and the (weight key, scale key) pairs of ComfyUI scaled fp8."""
+    fp8 = {tf.dtype(k) for k in keys if tf.dtype(k) in _FP8}
+    marker = next((k for k in keys if k == "scaled_fp8" or k.endswith(".scaled_fp8")), None)
+    scales = []
+    for k in keys:
+        if k.endswith(".scale_weight"):
+            w = k[: -len(".scale_weight")] + ".weight"
+            if w in weight_of:
+                scales.append((w, k))
+    if marker is not None or scales:
+        fmt = tf.dtype(marker) if marker is not None else torch.float8_e4m3fn
+        fmt_name = "fp8_e5m2" if fmt == torch.float8_e5m2 else "fp8_e4m3fn"
+        return f"scaled_{fmt_name}", tuple(sorted(scales))
+    if not fp8:
+        return "none", ()
+    return ("fp8_e5m2" if fp8 == {torch.float8_e5m2} else "fp8_e4m3fn"), ()
+
+
+_EXTRA_SUFFIXES = (".scale_weight", ".scale_input")
+
+
+def _is_extra(k: str) -> bool:
+    return k == "scaled_fp8" or k.endswith(".scaled_fp8") or k.endswith(_EXTRA_SUFFIXES)
+
+
+# ---------------------------------------------------------------------------------------
+# DiT
+
+_DIT_DIFFUSERS_RULES: tuple[tuple[str, str], ...] = (
+    # top level (applied to whole names, first match wins)
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos"),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^proj_out\.", "head.head."),
+)
+_DIT_DIFFUSERS_BLOCK: dict[str, str] = {
+    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o", "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
+    "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o", "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k",
+    "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
+    "attn2.norm_added_k": "cross_attn.norm_k_img",
+    "norm2": "norm3",            # diffusers' norm2 is the official (affine) norm3
+    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+}
+
+
+def dit_key_from_diffusers(k: str) -> str:
+    """Official name of a diffusers ``WanTransformer3DModel`` key (unchanged if not renamed)."""
+    for pat, rep in _DIT_DIFFUSERS_RULES:
+        if re.search(pat, k):
+            return re.sub(pat, rep, k)
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", k)
+    if m:
+        rest = m[2]
+        if rest == "scale_shift_table":
+            return f"blocks.{m[1]}.modulation"
+        for src, dst in _DIT_DIFFUSERS_BLOCK.items():
+            if rest.startswith(src + "."):
+                return f"blocks.{m[1]}.{dst}{rest[len(src):]}"
+    return k
+
+
+def _detect_dit(tf: TensorFile, prefix: str) -> Detected:
+    file_keys = [k for k in tf.keys() if not _is_extra(k)]
+    bare = {k[len(prefix):] if k.startswith(prefix) else k: k for k in file_keys}
+    diffusers = "head.modulation" not in bare
+    official = {dit_key_from_diffusers(b) if diffusers else b: f for b, f in bare.items()}
+    layout = "diffusers" if diffusers else ("comfy" if prefix else "official")
+
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in official:
+            raise CheckpointError(f"{tf.path.name}: looks like a Wan DiT but lacks '{name}'; "
+                                  "the file is incomplete or of an unsupported variant.")
+        return tf.shape(official[name])
+
+    dim = shape("head.modulation")[-1]
+    pe = shape("patch_embedding.weight")
+    patch = tuple(pe[2:])
+    in_dim = pe[1]
+    out_dim = shape("head.head.weight")[0] // math.prod(patch)
+    num_layers = 1 + max((int(k.split(".")[1]) for k in official if k.startswith("blocks.")), default=-1)
+    if dim % 128:
+        raise CheckpointError(f"{tf.path.name}: DiT width {dim} is not a multiple of 128 (head_dim); "
+                              "not a Wan 2.1 model.")
+    if out_dim == 48 or in_dim == 48:
+        raise CheckpointError(f"{tf.path.name} is a Wan 2.2 TI2V-5B model (48 latent channels), which "
+                              "Wan Core does not support; use a Wan 2.1 model.")
+    model_type = "t2v"
+    clip_dim, image_pos_len = 1280, 0
+    if "img_emb.proj.0.weight" in official:
+        model_type = "i2v"
+        clip_dim = shape("img_emb.proj.0.weight")[0]
+        if "img_emb.emb_pos" in official:
+            model_type = "flf2v"
+            image_pos_len = shape("img_emb.emb_pos")[1]
+    if model_type == "t2v" and in_dim != 16:
+        raise CheckpointError(f"{tf.path.name}: a DiT with {in_dim} input channels and no image "
+                              "embedder (Fun/control variant?) is not supported.")
+    if model_type != "t2v" and in_dim != 36:
+        raise CheckpointError(f"{tf.path.name}: an image-conditioned DiT with {in_dim} input channels "
+                              "(Fun/control variant?) is not supported; Wan 2.1 I2V/FLF2V have 36.")
+    cfg = DiTConfig(dim=dim, ffn_dim=shape("blocks.0.ffn.0.weight")[0], num_layers=num_layers,
+                    in_dim=in_dim, out_dim=out_dim, text_dim=shape("text_embedding.0.weight")[1],
+                    freq_dim=shape("time_embedding.0.weight")[1], model_type=model_type,
+                    clip_dim=clip_dim, image_pos_len=image_pos_len, patch_size=patch)  # type: ignore[arg-type]
+    quant, scales = _quant_and_scales(tf, set(tf.keys()), {f: f for f in file_keys})
+    recipes = {o: Recipe((f,)) for o, f in official.items()}
+    return Detected("dit", layout, cfg, recipes, quant, scales)
+
+
+# ---------------------------------------------------------------------------------------
+# VAE
+
+
+def _vae_key_from_diffusers(k: str, nrb: int) -> str:
+    """Official name of a diffusers ``AutoencoderKLWan`` key."""
+    fixed = {"quant_conv": "conv1", "post_quant_conv": "conv2", "encoder.conv_in": "encoder.conv1",
+             "decoder.conv_in": "decoder.conv1", "encoder.norm_out": "encoder.head.0",
+             "encoder.conv_out": "encoder.head.2", "decoder.norm_out": "decoder.head.0",
+             "decoder.conv_out": "decoder.head.2"}
+    head, _, leaf = k.rpartition(".")
+    if head in fixed:
+        return f"{fixed[head]}.{leaf}"
+    res = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
+           "conv_shortcut": "shortcut"}
+    m = re.match(r"^(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(\w+)\.(.+)$", k)
+    if m:
+        idx = 2 * int(m[3]) if m[2] == "resnets" else 1
+        sub = res.get(m[4], m[4]) if m[2] == "resnets" else m[4]
+        return f"{m[1]}.middle.{idx}.{sub}.{m[5]}"
+    m = re.match(r"^encoder\.down_blocks\.(\d+)\.(\w+)\.(.+)$", k)
+    if m:
+        return f"encoder.downsamples.{m[1]}.{res.get(m[2], m[2])}.{m[3]}"
+    m = re.match(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(.+)$", k)
+    if m:
+        idx = int(m[1]) * (nrb + 2) + int(m[2])
+        return f"decoder.upsamples.{idx}.{res.get(m[3], m[3])}.{m[4]}"
+    m = re.match(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)$", k)
+    if m:
+        return f"decoder.upsamples.{int(m[1]) * (nrb + 2) + nrb + 1}.{m[2]}"
+    return k
+
+
+def _detect_vae(tf: TensorFile, prefix: str) -> Detected:
+    file_keys = [k for k in tf.keys() if not _is_extra(k)]
+    bare = {k[len(prefix):] if k.startswith(prefix) else k: k for k in file_keys}
+    diffusers = "decoder.mid_block.resnets.0.norm1.gamma" in bare
+    if diffusers:
+        nrb = 1 + max(int(re.match(r"decoder\.up_blocks\.0\.resnets\.(\d+)", b)[1])  # type: ignore[index]
+                      for b in bare if b.startswith("decoder.up_blocks.0.resnets.")) - 1
+        official = {_vae_key_from_diffusers(b, nrb): f for b, f in bare.items()}
+    else:
+        official = dict(bare)
+    try:
+        dim = tf.shape(official["encoder.conv1.weight"])[0]
+        z_dim = tf.shape(official["conv2.weight"])[0]
+    except KeyError as err:
+        raise CheckpointError(f"{tf.path.name}: looks like a Wan VAE but lacks {err}; the file is incomplete.") from None
+    # Walk the encoder: residual blocks give the stage widths, resamples the stage ends.
+    mults: list[int] = []
+    temporal: list[bool] = []
+    per_stage = 0
+    nrb = 0
+    i = 0
+    while f"encoder.downsamples.{i}.residual.2.weight" in official or f"encoder.downsamples.{i}.resample.1.weight" in official:
+        if f"encoder.downsamples.{i}.residual.2.weight" in official:
+            per_stage += 1
+            width = tf.shape(official[f"encoder.downsamples.{i}.residual.2.weight"])[0]
+        else:
+            mults.append(width // dim)
+            temporal.append(f"encoder.downsamples.{i}.time_conv.weight" in official)
+            nrb, per_stage = per_stage, 0
+        i += 1
+    mults.append(width // dim)
+    cfg = VAEConfig(dim=dim, z_dim=z_dim, dim_mult=tuple(mults), num_res_blocks=nrb or per_stage,
+                    temporal_downsample=tuple(temporal))
+    quant, scales = _quant_and_scales(tf, set(tf.keys()), {f: f for f in file_keys})
+    layout = "diffusers" if diffusers else "official"
+    return Detected("vae", layout, cfg, {o: Recipe((f,)) for o, f in official.items()}, quant, scales)
+
+
+# ---------------------------------------------------------------------------------------
+# umT5
+
+
+def _t5_config(tf: TensorFile, official: dict[str, str]) -> T5Config:
+    def shape(name: str) -> tuple[int, ...]:
+        return tf.shape(official[name])
+
+    vocab, dim = shape("token_embedding.weight")
+    layers = 1 + max(int(k.split(".")[1]) for k in official if k.startswith("blocks."))
+    if "blocks.1.pos_embedding.embedding.weight" not in official and layers > 1:
+        raise CheckpointError(
+            f"{tf.path.name} is a T5 encoder with one shared position table (e.g. the T5-XXL used by "
+            "Flux/SD3), not umT5-XXL. Wan 2.1 needs umt5_xxl (vocab 256384) in models/text_encoders.")
+    buckets, heads = shape("blocks.0.pos_embedding.embedding.weight")
+    return T5Config(vocab=vocab, dim=dim, dim_attn=shape("blocks.0.attn.q.weight")[0],
+                    dim_ffn=shape("blocks.0.ffn.fc1.weight")[0], num_heads=heads, num_layers=layers,
+                    num_buckets=buckets)
+
+
+def _detect_t5_official(tf: TensorFile) -> Detected:
+    file_keys = [k for k in tf.keys() if not _is_extra(k) and k != "spiece_model"]
+    official = {k: k for k in file_keys}
+    cfg = _t5_config(tf, official)
+    quant, scales = _quant_and_scales(tf, set(tf.keys()), official)
+    tok = "spiece_model" if "spiece_model" in tf else None
+    return Detected("t5", "official", cfg, {k: Recipe((k,)) for k in official}, quant, scales, tok)
+
+
+_T5_HF_LAYER = {
+    "layer.0.layer_norm.weight": "norm1.weight",
+    "layer.0.SelfAttention.q.weight": "attn.q.weight", "layer.0.SelfAttention.k.weight": "attn.k.weight",
+    "layer.0.SelfAttention.v.weight": "attn.v.weight", "layer.0.SelfAttention.o.weight": "attn.o.weight",
+    "layer.0.SelfAttention.relative_attention_bias.weight": "pos_embedding.embedding.weight",
+    "layer.1.layer_norm.weight": "norm2.weight",
+    "layer.1.DenseReluDense.wi_0.weight": "ffn.gate.0.weight",
+    "layer.1.DenseReluDense.wi_1.weight": "ffn.fc1.weight",
+    "layer.1.DenseReluDense.wo.weight": "ffn.fc2.weight",
+}
+
+
+def _detect_t5_hf(tf: TensorFile) -> Detected:
+    keys = set(tf.keys())
+    official: dict[str, str] = {}
+    ignored: list[str] = []
+    unknown: list[str] = []
+    for k in sorted(keys):
+        if _is_extra(k) or k == "spiece_model":
+            continue
+        if k in ("shared.weight", "encoder.embed_tokens.weight"):
+            official.setdefault("token_embedding.weight", k)
+        elif k == "encoder.final_layer_norm.weight":
+            official["norm.weight"] = k
+        elif k.startswith(("decoder.", "lm_head.")):
+            ignored.append(k)      # a full seq2seq checkpoint: Wan uses the encoder only
+        else:
+            m = re.match(r"^encoder\.block\.(\d+)\.(.+)$", k)
+            if m and m[2] in _T5_HF_LAYER:
+                official[f"blocks.{m[1]}.{_T5_HF_LAYER[m[2]]}"] = k
+            else:
+                unknown.append(k)
+    if unknown:
+        raise CheckpointError(f"{tf.path.name}: unexpected keys for a umT5 encoder: {', '.join(unknown[:8])}.")
+    cfg = _t5_config(tf, official)
+    quant, scales = _quant_and_scales(tf, keys, {v: v for v in official.values()})
+    tok = "spiece_model" if "spiece_model" in keys else None
+    return Detected("t5", "hf", cfg, {o: Recipe((f,)) for o, f in official.items()}, quant, scales,
+                    tok, tuple(ignored))
+
+
+# ---------------------------------------------------------------------------------------
+# CLIP vision
+
+_NOT_VIT_H = {768: "ViT-B", 1024: "ViT-L/14 (clip_vision_l)", 1664: "ViT-bigG (clip_vision_g)"}
+
+
+def _clip_config(tf: TensorFile, name: str, width: int, num_tokens: int, patch: int, layers: int,
+                 mlp_dim: int, out_dim: int) -> CLIPVisionConfig:
+    if width in _NOT_VIT_H:
+        raise CheckpointError(f"{name} is a CLIP {_NOT_VIT_H[width]} vision model; Wan 2.1 image-to-video "
+                              "needs CLIP ViT-H/14 (clip_vision_h.safetensors) in models/clip_vision.")
+    grid = math.isqrt(num_tokens - 1)
+    return CLIPVisionConfig(image_size=grid * patch, patch_size=patch, width=width, mlp_dim=mlp_dim,
+                            num_layers=layers, out_dim=out_dim)
+
+
+def _detect_clip_official(tf: TensorFile) -> Detected:
+    keys = set(tf.keys())
+    pre = "visual." if "visual.cls_embedding" in keys else ""
+    official = {k[len(pre):]: k for k in keys if k.startswith(pre) and not _is_extra(k)} if pre else \
+        {k: k for k in keys if not _is_extra(k)}
+    ignored = tuple(sorted(k for k in keys if pre and not k.startswith(pre)))
+    layers = 1 + max(int(k.split(".")[1]) for k in official if k.startswith("transformer."))
+    width = tf.shape(official["cls_embedding"])[-1]
+    cfg = _clip_config(tf, tf.path.name, width, tf.shape(official["pos_embedding"])[-2],
+                       tf.shape(official["patch_embedding.weight"])[-1], layers,
+                       tf.shape(official["transformer.0.mlp.0.weight"])[0],
+                       tf.shape(official["head"])[-1] if "head" in official else 1024)
+    quant, scales = _quant_and_scales(tf, keys, {v: v for v in official.values()})
+    return Detected("clip_vision", "official", cfg, {o: Recipe((f,)) for o, f in official.items()},
+                    quant, scales, ignored=ignored)
+
+
+def _detect_clip_hf(tf: TensorFile) -> Detected:
+    keys = set(tf.keys())
+    v = "vision_model."
+    width = tf.shape(v + "embeddings.class_embedding")[-1]
+    n_pos = tf.shape(v + "embeddings.position_embedding.weight")[0]
+    rec: dict[str, Recipe] = {
+        "cls_embedding": Recipe((v + "embeddings.class_embedding",), "reshape", (1, 1, width)),
+        "patch_embedding.weight": Recipe((v + "embeddings.patch_embedding.weight",)),
+        "pos_embedding": Recipe((v + "embeddings.position_embedding.weight",), "reshape", (1, n_pos, width)),
+    }
+    for ours, hf in (("pre_norm", "pre_layrnorm"), ("post_norm", "post_layernorm")):
+        for leaf in ("weight", "bias"):
+            rec[f"{ours}.{leaf}"] = Recipe((f"{v}{hf}.{leaf}",))
+    layers = 1 + max(int(k.split(".")[3]) for k in keys if k.startswith(v + "encoder.layers."))
+    for n in range(layers):
+        src = f"{v}encoder.layers.{n}."
+        dst = f"transformer.{n}."
+        for leaf in ("weight", "bias"):
+            rec[dst + "attn.to_qkv." + leaf] = Recipe(tuple(f"{src}self_attn.{p}_proj.{leaf}" for p in "qkv"), "cat")
+            for ours, hf in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.proj", "self_attn.out_proj"),
+                             ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2")):
+                rec[f"{dst}{ours}.{leaf}"] = Recipe((f"{src}{hf}.{leaf}",))
+    if "visual_projection.weight" in keys:
+        rec["head"] = Recipe(("visual_projection.weight",), "transpose")
+    used = {k for r in rec.values() for k in r.keys}
+    missing = sorted(k for k in used if k not in keys and not k.startswith(v + "post_layernorm"))
+    if missing:
+        raise CheckpointError(f"{tf.path.name}: looks like an HF CLIP vision model but lacks: {', '.join(missing[:6])}.")
+    rec = {o: r for o, r in rec.items() if all(k in keys for k in r.keys)}
+    unknown = sorted(k for k in keys - used if not _is_extra(k) and not k.endswith("position_ids")
+                     and not k.startswith(("text_model.", "text_projection", "logit_scale")))
+    if unknown:
+        raise CheckpointError(f"{tf.path.name}: unexpected keys for a CLIP vision model: {', '.join(unknown[:8])}.")
+    out_dim = tf.shape("visual_projection.weight")[0] if "visual_projection.weight" in keys else 1024
+    cfg = _clip_config(tf, tf.path.name, width, n_pos,
+                       tf.shape(v + "embeddings.patch_embedding.weight")[-1], layers,
+                       tf.shape(f"{v}encoder.layers.0.mlp.fc1.weight")[0], out_dim)
+    quant, scales = _quant_and_scales(tf, keys, {k: k for k in used})
+    ignored = tuple(sorted(k for k in keys if k.startswith(("text_model.", "text_projection", "logit_scale"))))
+    return Detected("clip_vision", "hf", cfg, rec, quant, scales, ignored=ignored)
