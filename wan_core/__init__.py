@@ -1,0 +1,46 @@
+"""Wan Core: Wan 2.1 video generation in plain PyTorch (no ComfyUI imports).
+
+Public API (documented in the README):
+
+Loading (any published layout; config inferred from tensor shapes)::
+
+    load_dit(path, dtype=None, device="cpu")          -> WanDiT (T2V / I2V / FLF2V)
+    load_vae(path, dtype=torch.float32, device="cpu") -> WanVAE
+    load_text_encoder(path, dtype=None, device="cpu", tokenizer_path=None) -> TextEncoder
+    load_clip_vision(path, dtype=None, device="cpu")  -> CLIPVisionTower
+    inspect_checkpoint(path)                          -> Detected (kind, layout, config, quant)
+
+Stages::
+
+    TextEncoder.encode([prompt, negative])            -> [L, 4096] tensors
+    encode_image(clip, images[-1..1])                 -> [B, 257, 1280] CLIP tokens
+    WanVAE.encode(video[-1..1]) / WanVAE.decode(latents)
+    encode_image_conditioning(vae, clip, image, frames, width, height, end_image=None) -> ImageEmbeds
+    sample(dit, TextEmbeds, SamplerSettings, shape=..., image=..., init_latents=..., callback=..., interrupt=...)
+
+The whole job::
+
+    generate(dit=..., vae=..., text_encoder=..., prompt=..., ...) -> frames [T, H, W, 3] in 0..1
+"""
+from .checkpoint import inspect_checkpoint
+from .clip_vision import encode_image
+from .conditioning import (NEGATIVE_PROMPT, NEGATIVE_PROMPT_FLF2V, NEGATIVE_PROMPT_I2V, ImageEmbeds, TextEmbeds,
+                           check_video_size, encode_image_conditioning, i2v_size, image_to_tensor, latent_shape,
+                           make_noise)
+from .configs import CLIPVisionConfig, DiTConfig, T5Config, VAEConfig
+from .files import CheckpointError
+from .loaders import TextEncoder, load_clip_vision, load_dit, load_text_encoder, load_vae
+from .pipeline import NonFiniteError, SamplerSettings, StepInfo, default_settings, generate, sample
+from .schedulers import flow_schedule
+from .video import read_video, write_mp4
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load_dit", "load_vae", "load_text_encoder", "load_clip_vision", "inspect_checkpoint", "TextEncoder",
+    "encode_image", "encode_image_conditioning", "sample", "generate", "default_settings", "SamplerSettings",
+    "StepInfo", "TextEmbeds", "ImageEmbeds", "NonFiniteError", "CheckpointError", "check_video_size",
+    "latent_shape", "make_noise", "i2v_size", "image_to_tensor", "flow_schedule", "write_mp4", "read_video",
+    "DiTConfig", "VAEConfig", "T5Config", "CLIPVisionConfig", "NEGATIVE_PROMPT", "NEGATIVE_PROMPT_I2V",
+    "NEGATIVE_PROMPT_FLF2V", "__version__",
+]

@@ -1,0 +1,167 @@
+"""ViT-H/14 visual tower of open-clip xlm-roberta-large, as Wan 2.1 I2V uses it.
+
+Wan conditions image-to-video on the hidden states after all blocks but the last, without
+the post-norm (``use_31_block=True`` upstream, ComfyUI's ``penultimate_hidden_states``):
+``[B, 257, 1280]`` for a 224x224 image. Parameter names are the official ``visual.*`` names
+with the prefix removed (``cls_embedding``, ``transformer.N.attn.to_qkv.weight``, ...);
+``post_norm`` and ``head`` are kept so the official tower loads with ``strict=True``, but
+forward never uses them.
+
+Precision policy (data below, honoured in forward):
+- ``FP32_PARAMS``: class/position/patch embeddings and the LayerNorms (0.2 % of the
+  parameters) are stored float32 whatever the rest is stored in (lossless for fp16 files,
+  keeps them out of fp8). The embeddings are used in the compute dtype, as upstream.
+- Every other weight may be stored in any float dtype and is cast to the compute dtype at
+  the point of use: ``CLIPVisionTower.compute_dtype`` or, when None, the storage dtype of the
+  Linear weights (for fp8 storage: bf16 on CUDA, float32 elsewhere). Upstream runs the tower
+  under fp16 autocast.
+- LayerNorm always runs in float32 and casts back, as the official ``clip.LayerNorm`` does.
+- Preprocessing (resize, normalise) runs in float32, as upstream feeds the tower fp32 pixels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .configs import CLIPVisionConfig
+
+#: Parameter-name fragments stored in float32 whatever the storage dtype of the rest.
+FP32_PARAMS: tuple[str, ...] = ("embedding", "norm")
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def keeps_fp32(name: str) -> bool:
+    """Whether parameter ``name`` (official visual-tower name, no prefix) is stored in float32."""
+    return any(fragment in name for fragment in FP32_PARAMS)
+
+
+class CastLinear(nn.Linear):
+    """``nn.Linear`` that casts its weight and bias to the input dtype at the point of use."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input and storage dtypes; returns input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Fused-QKV multi-head attention (``to_qkv`` rows are q, k, v in that order)."""
+
+    def __init__(self, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_qkv = CastLinear(width, 3 * width)
+        self.proj = CastLinear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, N, width]`` -> ``[B, N, width]``."""
+        b, n, c = x.shape
+        q, k, v = self.to_qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)          # scale 1/sqrt(head_dim)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block; the MLP uses exact (erf) GELU, as ViT-H/14 was trained."""
+
+    def __init__(self, cfg: CLIPVisionConfig) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.width, eps=cfg.eps)
+        self.attn = SelfAttention(cfg.width, cfg.num_heads)
+        self.norm2 = LayerNorm(cfg.width, eps=cfg.eps)
+        self.mlp = nn.Sequential(CastLinear(cfg.width, cfg.mlp_dim), nn.GELU(),
+                                 CastLinear(cfg.mlp_dim, cfg.width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CLIPVisionTower(nn.Module):
+    """Pixels ``[B, 3, S, S]`` (already normalised, see ``preprocess``) -> ``[B, N, width]``.
+
+    ``N = (S / patch)^2 + 1`` (class token first). ``compute_dtype`` (settable attribute):
+    dtype of the arithmetic; None follows the storage dtype of the Linear weights.
+    """
+
+    def __init__(self, config: CLIPVisionConfig, *, compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if config.width % config.head_dim:
+            raise ValueError(f"CLIP width {config.width} is not a multiple of head_dim {config.head_dim}.")
+        self.config = config
+        self.compute_dtype = compute_dtype
+        w, p = config.width, config.patch_size
+        scale = w ** -0.5  # the official init; real weights replace it
+        self.cls_embedding = nn.Parameter(scale * torch.randn(1, 1, w))
+        self.pos_embedding = nn.Parameter(scale * torch.randn(1, config.num_tokens, w))
+        self.patch_embedding = nn.Conv2d(3, w, kernel_size=p, stride=p, bias=False)
+        self.pre_norm = LayerNorm(w, eps=config.eps)
+        self.transformer = nn.ModuleList([AttentionBlock(config) for _ in range(config.num_layers)])
+        self.post_norm = LayerNorm(w, eps=config.eps)             # unused: Wan skips it
+        self.head = nn.Parameter(scale * torch.randn(w, config.out_dim))  # unused: Wan skips it
+
+    def resolved_compute_dtype(self) -> torch.dtype:
+        """``compute_dtype`` or, when None, the dtype the Linear weights are stored in."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        w = self.transformer[0].attn.to_qkv.weight
+        if w.dtype in _COMPUTE_DTYPES:
+            return w.dtype
+        return torch.bfloat16 if w.device.type == "cuda" else torch.float32
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels [B, 3, S, S]`` normalised with CLIP mean/std -> features ``[B, N, width]``."""
+        size = self.config.image_size
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[-2:]) != (size, size):
+            raise ValueError(f"CLIP vision expects pixels [B, 3, {size}, {size}] (run preprocess first); "
+                             f"got {tuple(pixels.shape)}.")
+        dtype = self.resolved_compute_dtype()
+        x = pixels.to(dtype)
+        # 1. patches -> tokens, class token first, learned absolute positions, pre-norm
+        x = F.conv2d(x, self.patch_embedding.weight.to(dtype), stride=self.config.patch_size)
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.cls_embedding.to(dtype).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embedding.to(dtype)
+        x = self.pre_norm(x)
+        # 2. every block but the last; no post-norm (Wan's penultimate features)
+        for block in self.transformer[:-1]:
+            x = block(x)
+        return x
+
+
+def preprocess(images: torch.Tensor, config: CLIPVisionConfig) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` in -1..1 -> CLIP input ``[B, 3, S, S]`` float32, S = image_size.
+
+    Exactly the official ``CLIPModel.visual``: bicubic resize of the whole image to S x S
+    (no crop, no antialias, align_corners=False, no clamp of the overshoot), map to 0..1,
+    then ``(x - mean) / std``.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"preprocess expects images [B, 3, H, W] in -1..1; got {tuple(images.shape)}.")
+    size = (config.image_size, config.image_size)
+    x = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False)
+    x = x * 0.5 + 0.5
+    mean = torch.tensor(config.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def encode_image(model: CLIPVisionTower, images: torch.Tensor) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` in -1..1 -> penultimate CLIP features ``[B, N, width]``.
+
+    Runs on the device of the model's patch embedding, in the model's compute dtype.
+    """
+    device = model.patch_embedding.weight.device
+    return model(preprocess(images.to(device), model.config))
+
+
+__all__ = ["CLIPVisionTower", "preprocess", "encode_image", "FP32_PARAMS", "keeps_fp32"]

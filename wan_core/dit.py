@@ -1,0 +1,446 @@
+"""Wan 2.1 diffusion transformer (DiT) for T2V, I2V and FLF2V.
+
+Parameter names are the official Wan 2.1 state-dict names (``blocks.0.self_attn.q.weight``,
+``head.modulation``, ``img_emb.proj.0.weight`` ...), so an official checkpoint loads with
+``load_state_dict(sd, strict=True)``. There are no buffers: the RoPE table is computed per
+call from the patch grid.
+
+Data flow for one call (``forward`` = ``prepare`` -> ``blocks[i](x, inputs)`` -> ``finish``,
+split so a block-swap engine can run the blocks one at a time):
+
+1. patch embedding: ``[B, in_dim, F, H, W]`` -> tokens ``[B, F*H/2*W/2, dim]`` in (f, h, w) order
+2. time: float64 sinusoid (cos first) -> ``time_embedding`` = ``e`` ``[B, dim]`` ->
+   ``time_projection`` = ``e0`` ``[B, 6, dim]``, shared by all blocks (each adds its own bias)
+3. text: context zero-padded to ``text_len`` -> ``text_embedding``; the padding is attended
+   (no mask), exactly like the official model
+4. image (i2v / flf2v): CLIP tokens -> ``img_emb`` (plus ``emb_pos`` for flf2v)
+5. blocks: self-attention with 3D RoPE, cross-attention (text + image), FFN, all gated by
+   the modulation
+6. head: modulated LayerNorm + Linear to 64 features per token, unpatchify
+
+Precision policy (written once, here, as data):
+- ``FP32_PARAMS``: parameters whose name contains one of these fragments stay float32 in
+  storage whatever dtype the rest of the model is stored in, and are computed in float32.
+  They are what the official code runs in fp32 under its bf16 autocast (time MLPs,
+  modulation, norms, head) plus ``patch_embedding`` (ComfyUI keeps it fp32 too; the official
+  autocast would run that conv in bf16) and the two LayerNorms / position embedding of
+  ``img_emb``. Cost: about 1.3 % of the parameters (mostly ``time_projection``).
+- Every other Linear (attention, FFN, text embedding, ``img_emb`` MLP) runs in the compute
+  dtype: ``WanDiT.compute_dtype`` or, when None, the storage dtype of those Linear weights
+  (fp32/bf16/fp16; bf16 on CUDA and fp32 on CPU for fp8 storage). Weights are cast at the
+  point of use, so storage and compute dtypes may differ.
+- The residual stream ``x``, modulation and gating run in float32, as in the official model.
+- RoPE: tables are built in float64 like the official code and applied in ``ROPE_DTYPE``
+  (float32; ``WanDiT.rope_dtype`` can be set per model). Float32 changes the fp32 tiny-model
+  output by <= 1.7e-6 abs / 3e-7 relative against float64, which reproduces the official
+  model bit for bit (tests/unit/test_dit_parity.py); that is far below bf16 rounding and
+  avoids float64 work on the big q/k activations.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import attention
+from .configs import DiTConfig
+
+FP32_PARAMS: tuple[str, ...] = (
+    "patch_embedding", "time_embedding", "time_projection", "modulation", "norm",
+    "head.head", "img_emb.proj.0.", "img_emb.proj.4.", "img_emb.emb_pos",
+)
+ROPE_DTYPE: torch.dtype = torch.float32
+ROPE_THETA = 10000.0
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def keeps_fp32(name: str) -> bool:
+    """Whether parameter ``name`` (official DiT name) is stored and computed in float32."""
+    return any(fragment in name for fragment in FP32_PARAMS)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class CastLinear(nn.Linear):
+    """``nn.Linear`` that computes in the input's dtype, casting the weights at use."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (input, weights and output)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the full feature dim with a learned weight; float32 in and out."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # written out (not F.rms_norm, torch >= 2.4 only) in the official order of operations
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight.float()
+
+
+def _layer_norm(x: Tensor, eps: float) -> Tensor:
+    """Non-affine LayerNorm (official ``norm1``/``norm2``/``head.norm`` have no params)."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
+    """Timestep embedding ``[B, dim]`` float32: ``cat[cos(t w_i), sin(t w_i)]``, computed in
+    float64 with ``w_i = 10000^(-i/(dim/2))`` for ``t`` in 0..1000 (official layout)."""
+    half = dim // 2
+    t64 = t.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t64[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Real dims given to (t, h, w) by the official split: (44, 42, 42) for head_dim 128."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_tables(grid: tuple[int, int, int], head_dim: int, device: torch.device,
+                dtype: torch.dtype = ROPE_DTYPE) -> tuple[Tensor, Tensor]:
+    """cos/sin tables ``[L, 1, head_dim/2]`` for a patch grid ``(F', H', W')``, L = F'H'W'.
+
+    Positions are patch-grid indices from 0 on each axis; each axis has its own frequencies
+    ``theta^(-2i/d_axis)``. Built in float64 (official), returned in ``dtype``.
+    """
+    angles = []
+    for n, d in zip(grid, rope_axis_dims(head_dim)):
+        inv = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+        angles.append(torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv))
+    f, h, w = grid
+    a = torch.cat([angles[0][:, None, None].expand(f, h, w, -1),
+                   angles[1][None, :, None].expand(f, h, w, -1),
+                   angles[2][None, None, :].expand(f, h, w, -1)], dim=-1)
+    a = a.reshape(f * h * w, 1, head_dim // 2)
+    return a.cos().to(dtype), a.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent feature pairs of ``x`` ``[B, L, H, D]``; result in ``cos.dtype``."""
+    x = x.to(cos.dtype).unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
+class MLPProj(nn.Module):
+    """``img_emb``: CLIP tokens ``[B, N, clip_dim]`` -> image context ``[B, N, dim]`` float32.
+
+    LayerNorm -> Linear -> GELU -> Linear -> LayerNorm (eps 1e-5). FLF2V adds the learned
+    ``emb_pos`` ``[1, 2*257, clip_dim]`` to the tokens of the first and last frame first.
+    """
+
+    def __init__(self, clip_dim: int, dim: int, pos_len: int = 0) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(FP32LayerNorm(clip_dim), CastLinear(clip_dim, clip_dim), nn.GELU(),
+                                  CastLinear(clip_dim, dim), FP32LayerNorm(dim))
+        if pos_len:
+            self.emb_pos = nn.Parameter(torch.zeros(1, pos_len, clip_dim))
+
+    def forward(self, clip_fea: Tensor, compute_dtype: torch.dtype) -> Tensor:
+        x = clip_fea.float()
+        if hasattr(self, "emb_pos"):
+            x = x + self.emb_pos.float()
+        x = self.proj[0](x).to(compute_dtype)
+        x = self.proj[3](self.proj[2](self.proj[1](x)))
+        return self.proj[4](x)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+@dataclass(frozen=True)
+class BlockInputs:
+    """Per-call tensors every block reads; built once by ``WanDiT.prepare``."""
+
+    e0: Tensor                   # [B, 6, dim] float32 time projection
+    e: Tensor                    # [B, dim] float32 time embedding (used by the head)
+    context: Tensor              # [B, text_len, dim] compute dtype, embedded text
+    context_img: Tensor | None   # [B, N_img, dim] float32 embedded CLIP tokens, i2v/flf2v
+    rope: tuple[Tensor, Tensor]  # cos, sin [L, 1, head_dim/2]
+    grid: tuple[int, int, int]   # patch grid (F', H', W'), L = F'*H'*W'
+    compute_dtype: torch.dtype
+    attention_backend: str
+
+
+class SelfAttention(nn.Module):
+    """Self-attention over video tokens with qk RMSNorm (full dim) and 3D RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (CastLinear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: Tensor, inp: BlockInputs) -> Tensor:
+        """``x`` ``[B, L, dim]`` (any float dtype) -> ``[B, L, dim]`` compute dtype."""
+        b, n_tok, _ = x.shape
+        cd, heads = inp.compute_dtype, (self.num_heads, -1)
+        x = x.to(cd)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), *inp.rope).to(cd)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), *inp.rope).to(cd)
+        v = self.v(x).unflatten(2, heads)
+        return self.o(attention(q, k, v, inp.attention_backend).reshape(b, n_tok, -1))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to the text context (and, for i2v/flf2v, separately to
+    the image context through ``k_img``/``v_img``/``norm_k_img``; the two results are summed
+    before ``o``). No mask: the zero padding of the text is attended, as in the official
+    model."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, image: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (CastLinear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        if image:
+            self.k_img = CastLinear(dim, dim)
+            self.v_img = CastLinear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
+    def forward(self, x: Tensor, inp: BlockInputs) -> Tensor:
+        """``x`` ``[B, L, dim]`` -> ``[B, L, dim]`` compute dtype."""
+        b, n_tok, _ = x.shape
+        cd, heads = inp.compute_dtype, (self.num_heads, -1)
+        q = self.norm_q(self.q(x.to(cd))).to(cd).unflatten(2, heads)
+        ctx = inp.context.to(cd)
+        k = self.norm_k(self.k(ctx)).to(cd).unflatten(2, heads)
+        v = self.v(ctx).unflatten(2, heads)
+        out = attention(q, k, v, inp.attention_backend)
+        if hasattr(self, "k_img"):
+            if inp.context_img is None:
+                raise ValueError("this DiT is an image-conditioned model (i2v/flf2v) and needs clip_fea")
+            img = inp.context_img.to(cd)
+            k_img = self.norm_k_img(self.k_img(img)).to(cd).unflatten(2, heads)
+            v_img = self.v_img(img).unflatten(2, heads)
+            out = out + attention(q, k_img, v_img, inp.attention_backend)
+        return self.o(out.reshape(b, n_tok, -1))
+
+
+class WanBlock(nn.Module):
+    """One DiT block; the residual stream ``x`` ``[B, L, dim]`` is float32 in and out.
+
+    ``x += self_attn(norm1(x)(1+scale1)+shift1)*gate1; x += cross_attn(norm3(x));
+    x += ffn(norm2(x)(1+scale2)+shift2)*gate2`` with the six modulation vectors
+    ``modulation + e0`` = [shift1, scale1, gate1, shift2, scale2, gate2].
+    """
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.eps = cfg.eps
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm3 = FP32LayerNorm(dim, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, image=cfg.has_image_input)
+        self.ffn = nn.Sequential(CastLinear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 CastLinear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, inp: BlockInputs) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + inp.e0).chunk(6, dim=1)
+        h = _layer_norm(x, self.eps) * (1 + scale1) + shift1
+        x = x + self.self_attn(h, inp) * gate1
+        x = x + self.cross_attn(self.norm3(x), inp)
+        h = _layer_norm(x, self.eps) * (1 + scale2) + shift2
+        return x + self.ffn(h.to(inp.compute_dtype)) * gate2
+
+
+class Head(nn.Module):
+    """Modulated non-affine LayerNorm + Linear(dim, prod(patch)*out_dim), all float32."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = CastLinear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        """``x`` ``[B, L, dim]``, ``e`` ``[B, dim]`` -> ``[B, L, 64]`` float32."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        return self.head(_layer_norm(x.float(), self.eps) * (1 + scale) + shift)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class WanDiT(nn.Module):
+    """Wan 2.1 DiT built from a :class:`DiTConfig`.
+
+    Args:
+        cfg: architecture (usually inferred from checkpoint shapes).
+        compute_dtype: dtype of the attention/FFN/text Linears; None = the storage dtype of
+            those weights (see the module docstring).
+        attention_backend: "auto", "sdpa", "sage" or "flash" (see ``wan_core.attention``).
+    """
+
+    def __init__(self, cfg: DiTConfig, *, compute_dtype: torch.dtype | None = None,
+                 attention_backend: str = "sdpa") -> None:
+        super().__init__()
+        if cfg.dim % cfg.head_dim or cfg.head_dim % 2:
+            raise ValueError(f"DiT dim {cfg.dim} must be a multiple of head_dim {cfg.head_dim} (even)")
+        if cfg.model_type == "flf2v" and cfg.image_pos_len <= 0:
+            raise ValueError("an flf2v DiT needs image_pos_len > 0 (rows of img_emb.emb_pos, 514 published)")
+        self.cfg = cfg
+        self.compute_dtype = compute_dtype
+        self.attention_backend = attention_backend
+        self.rope_dtype = ROPE_DTYPE  # settable, e.g. float64 to reproduce the official rounding
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(CastLinear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            CastLinear(dim, dim))
+        self.time_embedding = nn.Sequential(CastLinear(cfg.freq_dim, dim), nn.SiLU(), CastLinear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), CastLinear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if cfg.has_image_input:
+            pos_len = cfg.image_pos_len if cfg.model_type == "flf2v" else 0
+            self.img_emb = MLPProj(cfg.clip_dim, dim, pos_len)
+
+    # -- precision -----------------------------------------------------------------
+
+    def resolved_compute_dtype(self) -> torch.dtype:
+        """``compute_dtype`` or, when None, the dtype the Linear weights are stored in."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        w = self.text_embedding[0].weight
+        if w.dtype in _COMPUTE_DTYPES:
+            return w.dtype
+        return torch.bfloat16 if w.device.type == "cuda" else torch.float32
+
+    def cast_storage(self, dtype: torch.dtype) -> WanDiT:
+        """Store parameters in ``dtype`` except those of ``FP32_PARAMS`` (kept float32)."""
+        for name, p in self.named_parameters():
+            p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
+        return self
+
+    # -- forward in three parts ------------------------------------------------------
+
+    def prepare(self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None,
+                y: Tensor | None = None) -> tuple[Tensor, BlockInputs]:
+        """Steps 1-4: tokens ``[B, L, dim]`` float32 and the per-call :class:`BlockInputs`.
+
+        Arguments as in :meth:`forward`.
+        """
+        cfg = self.cfg
+        self._check_inputs(x, t, context, clip_fea, y)
+        cd = self.resolved_compute_dtype()
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+
+        # 1. patch embedding, float32 (see FP32_PARAMS)
+        w, b = self.patch_embedding.weight, self.patch_embedding.bias
+        tokens = F.conv3d(x.float(), w.float(), b.float(), stride=cfg.patch_size)
+        grid = tuple(tokens.shape[2:])
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous()
+
+        # 2. time, float32 from a float64 sinusoid
+        e = self.time_embedding(sinusoidal_embedding(t.reshape(-1).to(x.device), cfg.freq_dim))
+        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
+
+        # 3. text, zero-padded to text_len and attended without a mask (official behaviour)
+        pad = cfg.text_len - context.shape[1]
+        ctx = self.text_embedding(F.pad(context.to(cd), (0, 0, 0, pad)))
+
+        # 4. image tokens
+        ctx_img = self.img_emb(clip_fea, cd) if clip_fea is not None else None
+
+        rope = rope_tables(grid, cfg.head_dim, tokens.device, self.rope_dtype)
+        inputs = BlockInputs(e0=e0, e=e, context=ctx, context_img=ctx_img, rope=rope, grid=grid,
+                             compute_dtype=cd, attention_backend=self.attention_backend)
+        return tokens, inputs
+
+    def finish(self, x: Tensor, inputs: BlockInputs) -> Tensor:
+        """Step 6: tokens ``[B, L, dim]`` -> velocity ``[B, out_dim, F, H, W]`` float32."""
+        out = self.head(x, inputs.e)
+        f, h, w = inputs.grid
+        pt, ph, pw = self.cfg.patch_size
+        # 64 features per token are ordered (pt, ph, pw, c) with c fastest
+        out = out.reshape(out.shape[0], f, h, w, pt, ph, pw, self.cfg.out_dim)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(out.shape[0], self.cfg.out_dim, f * pt, h * ph, w * pw).float()
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None,
+                y: Tensor | None = None) -> Tensor:
+        """Predict the flow-matching velocity (noise - x0).
+
+        Args:
+            x: noisy latents ``[B, 16, F, H, W]`` (H, W multiples of the patch, i.e. even).
+            t: timesteps ``[B]`` (or one value for the batch), float 0..1000.
+            context: text embeddings ``[B, L, text_dim]``, ``L <= text_len``: the real tokens
+                (zero rows allowed); zero-padded to ``text_len`` here.
+            clip_fea: i2v: CLIP penultimate tokens ``[B, 257, clip_dim]``; flf2v: first- and
+                last-frame tokens concatenated ``[B, 2*257, clip_dim]``. None for t2v.
+            y: i2v/flf2v conditioning ``[B, in_dim-16, F, H, W]`` (mask 4 + VAE latents 16),
+                concatenated to ``x`` on channels.
+
+        Returns:
+            ``[B, out_dim, F, H, W]`` float32.
+        """
+        tokens, inputs = self.prepare(x, t, context, clip_fea, y)
+        for block in self.blocks:
+            tokens = block(tokens, inputs)
+        return self.finish(tokens, inputs)
+
+    def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None,
+                      y: Tensor | None) -> None:
+        cfg = self.cfg
+        if x.ndim != 5:
+            raise ValueError(f"DiT input x must be [B, C, F, H, W] latents, got shape {tuple(x.shape)}")
+        channels = x.shape[1] + (0 if y is None else y.shape[1])
+        if channels != cfg.in_dim:
+            need = "y (mask + image latents)" if cfg.in_dim > x.shape[1] and y is None else "matching shapes"
+            raise ValueError(f"{cfg.variant} takes {cfg.in_dim} input channels, got x {tuple(x.shape)}"
+                             f"{'' if y is None else f' + y {tuple(y.shape)}'}; pass {need}")
+        if y is not None and (y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]):
+            raise ValueError(f"y {tuple(y.shape)} must match x {tuple(x.shape)} except in channels")
+        for n, p, axis in zip(x.shape[2:], cfg.patch_size, "FHW"):
+            if n % p:
+                raise ValueError(f"latent {axis}={n} is not a multiple of the patch size {p}")
+        if t.numel() not in (1, x.shape[0]):
+            raise ValueError(f"t must hold 1 or B={x.shape[0]} timesteps, got shape {tuple(t.shape)}")
+        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.text_dim:
+            raise ValueError(f"context must be [B={x.shape[0]}, L, {cfg.text_dim}] text embeddings, "
+                             f"got {tuple(context.shape)}")
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"context has {context.shape[1]} tokens; the DiT takes at most "
+                             f"text_len={cfg.text_len} (trim the text encoder output to its real length)")
+        if cfg.has_image_input:
+            if clip_fea is None:
+                raise ValueError(f"{cfg.variant} is an image-conditioned model: pass clip_fea "
+                                 "(CLIP vision tokens) and y")
+            want = cfg.image_pos_len if cfg.model_type == "flf2v" else clip_fea.shape[1]
+            if clip_fea.ndim != 3 or clip_fea.shape[0] != x.shape[0] or clip_fea.shape[1:] != (want, cfg.clip_dim):
+                raise ValueError(f"clip_fea must be [B={x.shape[0]}, {want if cfg.model_type == 'flf2v' else 'N'}, "
+                                 f"{cfg.clip_dim}], got {tuple(clip_fea.shape)}")
+        elif clip_fea is not None:
+            raise ValueError(f"{cfg.variant} is a text-to-video model and takes no clip_fea")
+
+
+__all__ = ["WanDiT", "BlockInputs", "FP32_PARAMS", "ROPE_DTYPE", "keeps_fp32", "rope_tables",
+           "apply_rope", "sinusoidal_embedding", "rope_axis_dims"]

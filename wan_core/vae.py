@@ -1,0 +1,485 @@
+"""Wan 2.1 causal 3D VAE: video ``[B, 3, 4n+1, H, W]`` in -1..1 <-> latents ``[B, 16, n+1, H/8, W/8]``.
+
+Every temporal operation is causal (an output frame sees only input frames at or before it),
+so a video can be pushed through in chunks. What a layer needs from earlier chunks lives in a
+:class:`FeatureCache` that the caller creates for one stream (one encode, one decode, later one
+spatial tile) and passes down with every chunk; the modules themselves hold no state, so one
+module can serve several streams at once and a stream can be paused between chunks.
+
+Without a cache a layer treats its input as the whole stream from frame 0. Streaming the same
+frames in chunks through a cache gives the same numbers (``tests/unit/test_vae_cache.py``);
+the official code's chunking (encode 1, 4, 4, ... frames; decode one latent frame at a time)
+is what :meth:`WanVAE.encode` and :meth:`WanVAE.decode` use.
+
+Parameter names are those of the official ``Wan2.1_VAE.pth`` (``encoder.conv1.weight``,
+``encoder.downsamples.0.residual.0.gamma``, ``conv1.weight``, ``decoder.head.2.bias``, ...).
+
+Precision policy: everything runs in the dtype of the parameters (official: fp32; bf16/fp16
+work). The only exception is the RMS-norm statistic, reduced in fp32 for 16-bit inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .configs import VAE_LATENT_MEAN, VAE_LATENT_STD, VAEConfig
+
+CACHE_T = 2           # frames of history a kernel-3 causal conv needs (official name)
+TIME_STRIDE = 4       # pixel frames per latent frame after the first
+SPATIAL_STRIDE = 8
+
+
+# --------------------------------------------------------------------------- feature cache
+
+@dataclass
+class _Slot:
+    """The state of one causal layer: the last input frames it saw (or, for a temporal
+    downsample, the frames its next stride-2 window starts from)."""
+
+    frames: Tensor | None = None
+
+
+class FeatureCache:
+    """Temporal state of one encode or decode stream (the official "feature cache").
+
+    Each causal layer claims one slot per chunk, in the fixed order the network runs; a slot
+    holds at most ``CACHE_T`` frames, so memory does not grow with the video length. Create
+    a new cache per stream (per video, per spatial tile); never share one between the
+    encoder and the decoder. The network calls :meth:`begin_chunk` before every chunk.
+    """
+
+    def __init__(self) -> None:
+        self._slots: list[_Slot] = []
+        self._cursor = 0
+        self._owner: object | None = None
+        self.chunks = 0  # chunks begun so far
+
+    def begin_chunk(self, owner: object | None = None) -> None:
+        """Start the next chunk; ``owner`` is the network running it (the encoder or the
+        decoder), checked so that one cache is never fed to two networks."""
+        if self.chunks and (owner is not self._owner or self._cursor != len(self._slots)):
+            raise RuntimeError(
+                "FeatureCache: this cache was filled by another network or an interrupted "
+                "chunk; a cache belongs to one network and one stream (create a new one)")
+        self._owner = owner
+        self._cursor = 0
+        self.chunks += 1
+
+    def claim(self) -> _Slot:
+        """The next layer's slot in this chunk (created during the first chunk)."""
+        if self.chunks == 0:
+            raise RuntimeError("FeatureCache.claim() before begin_chunk()")
+        if self._cursor == len(self._slots):
+            if self.chunks > 1:
+                raise RuntimeError(
+                    "FeatureCache: more causal layers than in the first chunk; a cache belongs "
+                    "to one network and one stream (create a new one)")
+            self._slots.append(_Slot())
+        slot = self._slots[self._cursor]
+        self._cursor += 1
+        return slot
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached frames."""
+        return sum(s.frames.numel() * s.frames.element_size()
+                   for s in self._slots if s.frames is not None)
+
+
+# --------------------------------------------------------------------------- layers
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d whose temporal padding all goes before frame 0, so output frame t depends only
+    on input frames <= t. ``padding=(p_t, p_h, p_w)`` as in the official layer: the time axis
+    gets ``2 * p_t`` zero frames in front (or cached frames from the previous chunk)."""
+
+    def __init__(self, in_channels: int, out_channels: int,
+                 kernel_size: int | tuple[int, int, int],
+                 stride: int | tuple[int, int, int] = 1,
+                 padding: int | tuple[int, int, int] = 0) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+        pad_t, pad_h, pad_w = self.padding  # normalised to a tuple by nn.Conv3d
+        self.time_pad = 2 * pad_t
+        self.padding = (0, pad_h, pad_w)  # spatial zero padding stays inside the conv
+        if self.time_pad > CACHE_T:
+            raise ValueError(f"causal padding {self.time_pad} exceeds CACHE_T={CACHE_T}")
+
+    def step(self, x: Tensor, past: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Convolve the next frames ``x [B, C, t, H, W]`` of a stream whose previous input frames
+        end with ``past`` (None or empty: stream start, zero history). Returns the output
+        frames and the new ``past`` (the last ``time_pad`` input frames, a copy)."""
+        known = 0 if past is None else past.shape[2]
+        history = x if known == 0 else torch.cat([past, x], dim=2)
+        padded = history if known == self.time_pad else F.pad(
+            history, (0, 0, 0, 0, self.time_pad - known, 0))
+        keep = history[:, :, max(0, history.shape[2] - self.time_pad):]
+        # clone: a view would keep the whole chunk alive in the cache
+        return super().forward(padded), keep.clone()
+
+    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
+        if self.time_pad == 0:
+            return super().forward(x)
+        if cache is None:
+            return self.step(x, None)[0]
+        slot = cache.claim()
+        y, slot.frames = self.step(x, slot.frames)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """``x / ||x||_channels * sqrt(C) * gamma`` (official ``RMS_norm``). ``gamma`` is
+    ``(C, 1, 1, 1)`` in residual blocks and ``(C, 1, 1)`` in attention (``images=True``),
+    as stored in the checkpoint; both apply to ``[B, C, T, H, W]``."""
+
+    def __init__(self, dim: int, images: bool = False) -> None:
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        gamma = self.gamma.view(-1, *([1] * (x.dim() - 2)))
+        # fp32 reduction without an fp32 copy of the activation (16-bit sums lose precision)
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
+        return x / norm.clamp_min(1e-12).to(x.dtype) * self.scale * gamma
+
+
+class ResidualBlock(nn.Module):
+    """``x + residual(x)`` with residual = RMSNorm, SiLU, CConv3, RMSNorm, SiLU, Dropout,
+    CConv3 (indices 0..6 as in the checkpoint) and a 1x1x1 ``shortcut`` when C changes."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim), nn.SiLU(), nn.Dropout(0.0),  # Wan trains with dropout 0
+            CausalConv3d(out_dim, out_dim, 3, padding=1))
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
+        return _run(self.residual, x, cache) + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W positions of each frame separately (so it
+    needs no temporal state), with 1x1 conv projections ``to_qkv`` and ``proj``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
+        b, c, t, h, w = x.shape
+        tokens = self.norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, c)
+        # a 1x1 conv is a linear map over channels; q, k, v are its three channel blocks
+        q, k, v = F.linear(tokens, self.to_qkv.weight.flatten(1), self.to_qkv.bias).chunk(3, -1)
+        y = F.linear(F.scaled_dot_product_attention(q, k, v),
+                     self.proj.weight.flatten(1), self.proj.bias)
+        return x + y.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+class Resample(nn.Module):
+    """Spatial x2 down/up-sampling of every frame, optionally with x2 in time.
+
+    - ``downsample2d/3d``: pad right and bottom by one, Conv2d(k3, s2) (C -> C). 3d then runs
+      ``time_conv`` (kernel 3, stride 2, no padding) over the stream: frame 0 passes as is,
+      then one frame per window of frames (0,1,2), (2,3,4), ...
+    - ``upsample2d/3d``: nearest x2, Conv2d(k3, C -> C/2). 3d first runs ``time_conv``
+      (C -> 2C, causal) on frames 1.. (frame 0 is not doubled, official 'Rep') and
+      interleaves its two halves: t frames -> 2t.
+    """
+
+    MODES = ("downsample2d", "downsample3d", "upsample2d", "upsample3d")
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"Resample mode {mode!r}; expected one of {self.MODES}")
+        self.mode = mode
+        self.upsampling = mode.startswith("up")
+        conv = (nn.Conv2d(dim, dim // 2, 3, padding=1) if self.upsampling
+                else nn.Conv2d(dim, dim, 3, stride=2))
+        # index 0 is the parameterless resize (done in _spatial); the conv must be resample.1
+        self.resample = nn.Sequential(nn.Identity(), conv)
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
+        if self.mode == "upsample3d":
+            x = self._time_upsample(x, cache)
+        x = self._spatial(x)
+        if self.mode == "downsample3d":
+            x = self._time_downsample(x, cache)
+        return x
+
+    def _spatial(self, x: Tensor) -> Tensor:
+        # a (1,3,3) conv3d applies the 2D conv frame by frame without a (B*T) reshuffle copy
+        conv = self.resample[1]
+        if self.upsampling:
+            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")
+        else:
+            x = F.pad(x, (0, 1, 0, 1))  # right and bottom only, as the checkpoint was trained
+        return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias,
+                        stride=(1, *conv.stride), padding=(0, *conv.padding))
+
+    def _time_downsample(self, x: Tensor, cache: FeatureCache | None) -> Tensor:
+        slot = cache.claim() if cache is not None else None
+        pending = slot.frames if slot is not None else None
+        if pending is None:  # stream start: frame 0 is kept, windows start at frame 0
+            parts, history = [x[:, :, :1]], x
+        else:
+            parts, history = [], torch.cat([pending, x], dim=2)
+        windows = (history.shape[2] - 1) // 2
+        if windows:
+            parts.append(self.time_conv(history[:, :, :2 * windows + 1]))
+        if slot is not None:  # the next window starts at the last frame used
+            slot.frames = history[:, :, 2 * windows:].clone()
+        if not parts:  # an odd chunk left too few frames for a window (encode avoids this)
+            return history[:, :, :0]
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def _time_upsample(self, x: Tensor, cache: FeatureCache | None) -> Tensor:
+        slot = cache.claim() if cache is not None else None
+        past = slot.frames if slot is not None else None
+        if past is None:  # stream start: frame 0 stays single; time_conv's stream begins at 1
+            parts, rest = [x[:, :, :1]], x[:, :, 1:]
+            b, c, _, h, w = x.shape
+            past = x.new_zeros(b, c, 0, h, w)  # "started, zero history"
+        else:
+            parts, rest = [], x
+        if rest.shape[2]:
+            y, past = self.time_conv.step(rest, past)
+            b, c2, t, h, w = y.shape
+            # channels are (2, C): frame 2j from the first half, frame 2j+1 from the second
+            parts.append(y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5)
+                         .reshape(b, c2 // 2, 2 * t, h, w))
+        if slot is not None:
+            slot.frames = past
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
+# Blocks whose forward takes (x, cache); anything else in a Sequential is a plain x -> x map.
+_STREAMING = (CausalConv3d, ResidualBlock, AttentionBlock, Resample)
+
+
+def _run(layers: Iterable[nn.Module], x: Tensor, cache: FeatureCache | None) -> Tensor:
+    for layer in layers:
+        x = layer(x, cache) if isinstance(layer, _STREAMING) else layer(x)
+    return x
+
+
+# --------------------------------------------------------------------------- encoder / decoder
+
+class Encoder3d(nn.Module):
+    """Pixels ``[B, 3, t, H, W]`` -> ``[B, 2*z, t', H/8, W/8]`` (mean and log-variance,
+    before the top-level ``conv1``). Stage i: ``num_res_blocks`` residual blocks, then a
+    downsample (3d where ``temporal_downsample[i]``) except after the last stage."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        dims = [config.dim * m for m in (1, *config.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i < len(config.dim_mult) - 1:
+                three_d = config.temporal_downsample[i]
+                blocks.append(Resample(out_dim, "downsample3d" if three_d else "downsample2d"))
+        self.downsamples = nn.Sequential(*blocks)
+        dim = dims[-1]
+        self.middle = nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim),
+                                    ResidualBlock(dim, dim))
+        self.head = nn.Sequential(RMSNorm(dim), nn.SiLU(),
+                                  CausalConv3d(dim, config.z_dim * 2, 3, padding=1))
+
+    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
+        if cache is not None:
+            cache.begin_chunk(self)
+        return _run(chain([self.conv1], self.downsamples, self.middle, self.head), x, cache)
+
+
+class Decoder3d(nn.Module):
+    """Latents ``[B, z, t, h, w]`` (after ``conv2``) -> pixels ``[B, 3, t_out, 8h, 8w]``,
+    unclamped. Stage i: ``num_res_blocks + 1`` residual blocks, then an upsample (3d where
+    the reversed ``temporal_downsample[i]``) except after the last stage; each upsample
+    halves the channels, so every stage after the first starts from half the width."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        dims = [config.dim * m for m in (config.dim_mult[-1], *config.dim_mult[::-1])]
+        temporal_upsample = config.temporal_downsample[::-1]
+        self.conv1 = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0]))
+        blocks: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2
+            for _ in range(config.num_res_blocks + 1):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i < len(config.dim_mult) - 1:
+                blocks.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*blocks)
+        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(),
+                                  CausalConv3d(dims[-1], 3, 3, padding=1))
+
+    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
+        if cache is not None:
+            cache.begin_chunk(self)
+        return _run(chain([self.conv1], self.middle, self.upsamples, self.head), x, cache)
+
+
+# --------------------------------------------------------------------------- latent scaling
+
+def _latent_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    if z.shape[1] != len(VAE_LATENT_MEAN):
+        raise ValueError(f"latent normalisation is published for {len(VAE_LATENT_MEAN)} channels; "
+                         f"got {z.shape[1]} (use normalize=False for a custom VAE)")
+    shape = (1, -1) + (1,) * (z.dim() - 2)
+    mean = torch.tensor(VAE_LATENT_MEAN, device=z.device, dtype=z.dtype).view(shape)
+    std = torch.tensor(VAE_LATENT_STD, device=z.device, dtype=z.dtype).view(shape)
+    return mean, std
+
+
+def normalize_latents(z: Tensor) -> Tensor:
+    """Raw VAE latents ``[B, 16, T', h, w]`` -> the normalised space the DiT works in."""
+    mean, std = _latent_stats(z)
+    return (z - mean) / std
+
+
+def denormalize_latents(z: Tensor) -> Tensor:
+    """Inverse of :func:`normalize_latents`."""
+    mean, std = _latent_stats(z)
+    return z * std + mean
+
+
+# --------------------------------------------------------------------------- the VAE
+
+class WanVAE(nn.Module):
+    """The Wan 2.1 VAE, built from a :class:`VAEConfig` (constructible on the meta device,
+    no buffers). Stride (4, 8, 8): ``4n+1`` pixel frames <-> ``n+1`` latent frames."""
+
+    # Precision policy as data: parameter-name fragments kept in fp32 whatever the storage
+    # dtype. None: the VAE computes in its parameters' dtype (RMSNorm reduces in fp32).
+    _keep_in_fp32_modules: tuple[str, ...] = ()
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        if len(config.temporal_downsample) != len(config.dim_mult) - 1:
+            raise ValueError(f"VAEConfig: temporal_downsample needs {len(config.dim_mult) - 1} "
+                             f"entries for dim_mult={config.dim_mult}")
+        self.config = config
+        self.encoder = Encoder3d(config)
+        self.conv1 = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
+        self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
+        self.decoder = Decoder3d(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv2.weight.device
+
+    # ---- one chunk of a stream (the building blocks for tiling and streaming)
+
+    def encode_chunk(self, video: Tensor, cache: FeatureCache) -> Tensor:
+        """Next pixel frames of a stream ``[B, 3, t, H, W]`` -> raw latent means
+        ``[B, z, t', H/8, W/8]``. The first chunk of a stream has 4k+1 frames (k+1 latent
+        frames), later chunks 4k frames (k latent frames)."""
+        video = video.to(self.device, self.dtype)
+        mu, _log_var = self.conv1(self.encoder(video, cache)).chunk(2, dim=1)
+        return mu
+
+    def decode_chunk(self, latents: Tensor, cache: FeatureCache) -> Tensor:
+        """Next raw (denormalised) latent frames of a stream ``[B, z, t, h, w]`` -> pixel
+        frames ``[B, 3, t_out, 8h, 8w]``, unclamped; t_out = 4t-3 for the first chunk of a
+        stream, 4t after."""
+        return self.decoder(self.conv2(latents.to(self.device, self.dtype)), cache)
+
+    # ---- whole videos
+
+    @torch.no_grad()
+    def encode(self, video: Tensor, normalize: bool = True, *, chunk_frames: int = 4) -> Tensor:
+        """Video ``[B, 3, T, H, W]`` in -1..1 (T = 4n+1; H, W multiples of 8) -> latent means
+        ``[B, z, n+1, H/8, W/8]``, normalised with the published mean/std when ``normalize``.
+
+        Frame 0 is encoded alone, then ``chunk_frames`` (a multiple of 4; official 4) at a
+        time, so memory is bounded by one chunk. Input is moved to the parameters' device
+        and dtype chunk by chunk.
+        """
+        b, c, t, h, w = _check_5d(video, "video")
+        if c != 3 or (t - 1) % TIME_STRIDE or h % SPATIAL_STRIDE or w % SPATIAL_STRIDE:
+            raise ValueError(
+                f"WanVAE.encode: video has shape {tuple(video.shape)}; expected [B, 3, T, H, W] "
+                f"with T = 4n+1 (1, 5, 9, ...) and H, W multiples of {SPATIAL_STRIDE}. "
+                "Trim or pad the frames and resize before encoding.")
+        if chunk_frames < TIME_STRIDE or chunk_frames % TIME_STRIDE:
+            raise ValueError(f"chunk_frames must be a positive multiple of 4; got {chunk_frames}")
+        cache = FeatureCache()
+        bounds = [0, *range(1, t, chunk_frames), t]  # [0, 1, 1+c, 1+2c, ..., t]
+        mu = torch.cat([self.encode_chunk(video[:, :, start:stop], cache)
+                        for start, stop in zip(bounds[:-1], bounds[1:])], dim=2)
+        return normalize_latents(mu) if normalize else mu
+
+    @torch.no_grad()
+    def iter_decode(self, latents: Tensor, normalized: bool = True, *,
+                    latent_frames_per_chunk: int = 1) -> Iterator[Tensor]:
+        """Yield decoded pixel frames ``[B, 3, n, 8h, 8w]`` in -1..1, one chunk per
+        ``latent_frames_per_chunk`` latent frames (official: 1; n = 1 for the first latent
+        frame, 4 per later one). Only one chunk and the feature cache live at a time; the
+        generator can be paused between chunks and several can run side by side."""
+        _b, c, t, _h, _w = _check_5d(latents, "latents")
+        if c != self.config.z_dim:
+            raise ValueError(f"WanVAE.decode: latents have {c} channels; this VAE has "
+                             f"z_dim={self.config.z_dim}")
+        if latent_frames_per_chunk < 1:
+            raise ValueError(f"latent_frames_per_chunk must be >= 1; got {latent_frames_per_chunk}")
+        cache = FeatureCache()
+        for start in range(0, t, latent_frames_per_chunk):
+            z = latents[:, :, start:start + latent_frames_per_chunk].to(self.device, self.dtype)
+            if normalized:
+                z = denormalize_latents(z)
+            yield self.decode_chunk(z, cache).clamp_(-1.0, 1.0)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, normalized: bool = True,
+               on_frame: Callable[[int, int], None] | None = None) -> Tensor:
+        """Latents ``[B, z, T', h, w]`` (normalised when ``normalized``) -> video
+        ``[B, 3, 4T'-3, 8h, 8w]`` clamped to -1..1, on the parameters' device and dtype.
+        Decodes one latent frame at a time and calls ``on_frame(done, total)`` after each
+        (done = 1..T'); raising from it aborts the decode."""
+        b, _c, t, h, w = _check_5d(latents, "latents")
+        out = torch.empty(b, 3, TIME_STRIDE * t - 3, h * SPATIAL_STRIDE, w * SPATIAL_STRIDE,
+                          device=self.device, dtype=self.dtype)
+        filled = 0
+        for done, frames in enumerate(self.iter_decode(latents, normalized), start=1):
+            out[:, :, filled:filled + frames.shape[2]] = frames
+            filled += frames.shape[2]
+            if on_frame is not None:
+                on_frame(done, t)
+        return out
+
+
+def _check_5d(x: Tensor, name: str) -> tuple[int, int, int, int, int]:
+    if x.dim() != 5 or x.shape[2] == 0:
+        raise ValueError(f"WanVAE: {name} must be [B, C, T, H, W] with T >= 1; "
+                         f"got shape {tuple(x.shape)}")
+    b, c, t, h, w = x.shape
+    return b, c, t, h, w
+
+
+__all__ = ["WanVAE", "FeatureCache", "CausalConv3d", "Resample", "normalize_latents",
+           "denormalize_latents", "CACHE_T"]
