@@ -30,6 +30,7 @@ from .conditioning import (NEGATIVE_PROMPT, NEGATIVE_PROMPT_FLF2V, NEGATIVE_PROM
 from .configs import CLIPVisionConfig, DiTConfig, T5Config, VAEConfig
 from .files import CheckpointError
 from .loaders import TextEncoder, load_clip_vision, load_dit, load_text_encoder, load_vae
+from .runner import DiTRunner
 from .pipeline import NonFiniteError, SamplerSettings, StepInfo, default_settings, generate, sample
 from .schedulers import flow_schedule
 from .video import read_video, write_mp4
@@ -37,7 +38,7 @@ from .video import read_video, write_mp4
 __version__ = "0.1.0"
 
 __all__ = [
-    "load_dit", "load_vae", "load_text_encoder", "load_clip_vision", "inspect_checkpoint", "TextEncoder",
+    "load_dit", "load_vae", "load_text_encoder", "load_clip_vision", "inspect_checkpoint", "TextEncoder", "DiTRunner",
     "encode_image", "encode_image_conditioning", "sample", "generate", "default_settings", "SamplerSettings",
     "StepInfo", "TextEmbeds", "ImageEmbeds", "NonFiniteError", "CheckpointError", "check_video_size",
     "latent_shape", "make_noise", "i2v_size", "image_to_tensor", "flow_schedule", "write_mp4", "read_video",

@@ -5,7 +5,6 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
 __all__ = ["main"]
 

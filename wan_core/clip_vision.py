@@ -25,23 +25,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .configs import CLIPVisionConfig
+from .layers import COMPUTE_DTYPES, CastLinear
 
 #: Parameter-name fragments stored in float32 whatever the storage dtype of the rest.
 FP32_PARAMS: tuple[str, ...] = ("embedding", "norm")
-_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def keeps_fp32(name: str) -> bool:
     """Whether parameter ``name`` (official visual-tower name, no prefix) is stored in float32."""
     return any(fragment in name for fragment in FP32_PARAMS)
-
-
-class CastLinear(nn.Linear):
-    """``nn.Linear`` that casts its weight and bias to the input dtype at the point of use."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -113,7 +105,7 @@ class CLIPVisionTower(nn.Module):
         if self.compute_dtype is not None:
             return self.compute_dtype
         w = self.transformer[0].attn.to_qkv.weight
-        if w.dtype in _COMPUTE_DTYPES:
+        if w.dtype in COMPUTE_DTYPES:
             return w.dtype
         return torch.bfloat16 if w.device.type == "cuda" else torch.float32
 

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from .attention import attention
 from .configs import DiTConfig
+from .layers import COMPUTE_DTYPES, CastLinear
 
 FP32_PARAMS: tuple[str, ...] = (
     "patch_embedding", "time_embedding", "time_projection", "modulation", "norm",
@@ -54,7 +55,6 @@ FP32_PARAMS: tuple[str, ...] = (
 )
 ROPE_DTYPE: torch.dtype = torch.float32
 ROPE_THETA = 10000.0
-_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def keeps_fp32(name: str) -> bool:
@@ -63,14 +63,6 @@ def keeps_fp32(name: str) -> bool:
 
 
 # --------------------------------------------------------------------------- layers
-
-
-class CastLinear(nn.Linear):
-    """``nn.Linear`` that computes in the input's dtype, casting the weights at use."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -329,7 +321,7 @@ class WanDiT(nn.Module):
         if self.compute_dtype is not None:
             return self.compute_dtype
         w = self.text_embedding[0].weight
-        if w.dtype in _COMPUTE_DTYPES:
+        if w.dtype in COMPUTE_DTYPES:
             return w.dtype
         return torch.bfloat16 if w.device.type == "cuda" else torch.float32
 

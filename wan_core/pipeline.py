@@ -17,6 +17,7 @@ from torch import Tensor
 from .conditioning import (NEGATIVE_PROMPT, NEGATIVE_PROMPT_FLF2V, NEGATIVE_PROMPT_I2V, ImageEmbeds, TextEmbeds,
                            check_video_size, encode_image_conditioning, i2v_size, image_to_tensor, latent_shape,
                            make_noise)
+from .runner import DiTRunner
 from .schedulers import flow_schedule, get_sampler, noise_latent
 
 __all__ = ["SamplerSettings", "StepInfo", "NonFiniteError", "sample", "generate", "default_settings",
@@ -89,14 +90,16 @@ def _model_device(dit) -> torch.device:
 def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int, ...] | None = None,
            image: ImageEmbeds | None = None, init_latents: Tensor | None = None,
            callback: Callable[[StepInfo], None] | None = None,
-           interrupt: Callable[[], None] | None = None) -> Tensor:
+           interrupt: Callable[[], None] | None = None, runner: DiTRunner | None = None) -> Tensor:
     """Sample normalised latents ``[16, T', H/8, W/8]`` float32 on the CPU.
 
     shape: latent shape for T2V (``latent_shape(w, h, frames)``); taken from ``image`` for
     I2V/FLF2V or from ``init_latents`` for V2V. init_latents: normalised latents of an input
     video, noised to the first sigma of a ``denoise < 1`` schedule. callback: called after
     every step with a :class:`StepInfo`. interrupt: called before every model evaluation; it
-    may raise to stop (models keep no per-run state, so they stay usable).
+    may raise to stop (models keep no per-run state, so they stay usable). runner: a
+    :class:`~wan_core.runner.DiTRunner` over ``dit`` carrying block swap / step caching;
+    default: a plain runner (identical to calling ``dit``).
     """
     cfg = dit.cfg
     if cfg.has_image_input and image is None:
@@ -116,6 +119,9 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
     if init_latents is None and settings.denoise < 1.0:
         raise ValueError("denoise < 1 needs input latents to start from (video-to-video); use denoise 1.0.")
 
+    runner = runner if runner is not None else DiTRunner(dit)
+    if runner.dit is not dit:
+        raise ValueError("the runner wraps another model than the one given to sample()")
     device = _model_device(dit)
     schedule = flow_schedule(settings.steps, settings.shift, settings.sampler, settings.denoise)
     noise = make_noise(settings.seed, shape)
@@ -132,6 +138,7 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
         y, clip = image.y.to(device)[None], image.clip_fea.to(device)[None]
     total = schedule.steps
     step = {"i": 0}
+    runner.begin_run(total)
 
     def check(v: Tensor, which: str) -> Tensor:
         if not torch.isfinite(v).all():
@@ -142,10 +149,11 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
 
     def model_fn(xt: Tensor, timestep: Tensor) -> Tensor:
         t = timestep.to(device)
-        cond = check(dit(xt, t, pos, clip_fea=clip, y=y), "conditional")
+        runner.begin_step(step["i"])   # every solver here evaluates the model once per step
+        cond = check(runner(xt, t, pos, clip, y, branch="cond"), "conditional")
         if settings.cfg == 1.0:  # guidance off: the unconditional pass would not change the result
             return cond
-        uncond = check(dit(xt, t, neg, clip_fea=clip, y=y), "unconditional")
+        uncond = check(runner(xt, t, neg, clip, y, branch="uncond"), "unconditional")
         return uncond + settings.cfg * (cond - uncond)
 
     def on_step(d: dict) -> None:

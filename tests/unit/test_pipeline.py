@@ -65,13 +65,13 @@ def test_cfg_combines_separate_conditional_and_unconditional_passes(models) -> N
     dit, text = models["t2v"], _text(models["te"])
     shape = latent_shape(W, H, FRAMES)
     calls = []
-    original = dit.forward
+    original = dit.prepare
 
     def spy(x, t, context, clip_fea=None, y=None):
         calls.append(context.shape[1])
         return original(x, t, context, clip_fea, y)
 
-    dit.forward = spy
+    dit.prepare = spy
     try:
         sample(dit, text, SamplerSettings(steps=2, cfg=4.0), shape=shape)
         assert calls == [text.positive.shape[0], text.negative.shape[0]] * 2
@@ -79,7 +79,7 @@ def test_cfg_combines_separate_conditional_and_unconditional_passes(models) -> N
         sample(dit, text, SamplerSettings(steps=2, cfg=1.0), shape=shape)
         assert calls == [text.positive.shape[0]] * 2
     finally:
-        del dit.forward
+        del dit.prepare
 
 
 def test_i2v_conditioning_matches_an_independent_construction(models) -> None:
@@ -162,6 +162,17 @@ def test_interrupt_stops_within_a_step_and_the_next_run_is_unchanged(models) -> 
         sample(models["t2v"], text, SETTINGS, shape=shape, interrupt=interrupt)
     assert calls["n"] == 2
     assert torch.equal(sample(models["t2v"], text, SETTINGS, shape=shape), sample(models["t2v"], text, SETTINGS, shape=shape))
+
+
+def test_runner_equals_plain_forward_bit_for_bit(models) -> None:
+    from wan_core.runner import DiTRunner
+
+    dit = models["i2v"]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, 16, 2, 4, 6, generator=g), torch.randn(1, 20, 2, 4, 6, generator=g)
+    ctx, clip = torch.randn(1, 5, tiny.TINY_T5.dim, generator=g), torch.randn(1, 17, tiny.TINY_CLIP.width, generator=g)
+    t = torch.tensor([700])
+    assert torch.equal(DiTRunner(dit)(x, t, ctx, clip, y, branch="uncond"), dit(x, t, ctx, clip, y))
 
 
 def test_nan_is_caught_at_the_step_where_it_appears(models, tmp_path: Path) -> None:
