@@ -76,7 +76,7 @@ def test_malicious_pickle_is_refused_and_never_executed(tmp_path: Path) -> None:
 def test_raw_pickle_with_code_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned2"
     evil = tmp_path / "evil_raw.pt"
-    evil.write_bytes(pickle.dumps(_Payload(str(marker))))
+    evil.write_bytes(pickle.dumps(_Payload(str(marker)), protocol=2))
     with pytest.raises(CheckpointError, match="evil_raw.pt"):
         open_checkpoint(evil)
     assert not marker.exists()
