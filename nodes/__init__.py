@@ -1,7 +1,39 @@
 """ComfyUI node classes of Wan Core (thin adapters over ``wan_core``).
 
-Node ids start with ``WanCore`` and, once released, are never renamed; widgets are only
-ever appended. The node set lands with issue 6; until then the pack registers no nodes.
+Node ids start with ``WanCore`` and, once released, are never renamed; inputs are never
+renamed, reordered or removed, only appended as optional ones at the end
+(``tests/data/node_inputs_snapshot.json`` holds the contract). Only relative imports:
+``import nodes`` would be ComfyUI's own module.
 """
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+from .conditioning import WanCoreEmptyVideoEmbeds, WanCoreImageToVideoEncode, WanCoreTextEncode
+from .loaders import WanCoreLoadCLIPVision, WanCoreLoadDiT, WanCoreLoadTextEncoder, WanCoreLoadVAE
+from .sampling import WanCoreSampler
+from .vae import WanCoreDecode, WanCoreEncode
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {
+    "WanCoreLoadDiT": WanCoreLoadDiT,
+    "WanCoreLoadVAE": WanCoreLoadVAE,
+    "WanCoreLoadTextEncoder": WanCoreLoadTextEncoder,
+    "WanCoreLoadCLIPVision": WanCoreLoadCLIPVision,
+    "WanCoreTextEncode": WanCoreTextEncode,
+    "WanCoreEmptyVideoEmbeds": WanCoreEmptyVideoEmbeds,
+    "WanCoreImageToVideoEncode": WanCoreImageToVideoEncode,
+    "WanCoreSampler": WanCoreSampler,
+    "WanCoreDecode": WanCoreDecode,
+    "WanCoreEncode": WanCoreEncode,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
+    "WanCoreLoadDiT": "WanCore Load Diffusion Model",
+    "WanCoreLoadVAE": "WanCore Load VAE",
+    "WanCoreLoadTextEncoder": "WanCore Load Text Encoder",
+    "WanCoreLoadCLIPVision": "WanCore Load CLIP Vision",
+    "WanCoreTextEncode": "WanCore Text Encode",
+    "WanCoreEmptyVideoEmbeds": "WanCore Empty Video Embeds",
+    "WanCoreImageToVideoEncode": "WanCore Image To Video Encode",
+    "WanCoreSampler": "WanCore Sampler",
+    "WanCoreDecode": "WanCore Decode",
+    "WanCoreEncode": "WanCore Encode",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

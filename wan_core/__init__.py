@@ -18,6 +18,14 @@ Stages::
     encode_image_conditioning(vae, clip, image, frames, width, height, end_image=None) -> ImageEmbeds
     sample(dit, TextEmbeds, SamplerSettings, shape=..., image=..., init_latents=..., callback=..., interrupt=...)
 
+Memory (fp8 storage, block swap, planner)::
+
+    load_dit(path, weight_dtype="keep" | "fp8_e4m3fn" | "fp8_e5m2")   fp8 Linear weights, upcast per call
+    plan = plan_memory(budget_bytes, dit_sizes(cfg, "fp8_e4m3fn"), tokens_for(w, h, frames), ...)
+    swap = BlockSwap(plan.resident_blocks, "cuda").setup(dit)
+    sample(dit, ..., runner=DiTRunner(dit, executor=swap)); swap.release()
+    with on_device(vae, "cuda"): vae.decode(latents)
+
 The whole job::
 
     generate(dit=..., vae=..., text_encoder=..., prompt=..., ...) -> frames [T, H, W, 3] in 0..1
@@ -29,7 +37,10 @@ from .conditioning import (NEGATIVE_PROMPT, NEGATIVE_PROMPT_FLF2V, NEGATIVE_PROM
                            make_noise)
 from .configs import CLIPVisionConfig, DiTConfig, T5Config, VAEConfig
 from .files import CheckpointError
+from .fp8 import enable_fp8_matmul
 from .loaders import TextEncoder, load_clip_vision, load_dit, load_text_encoder, load_vae
+from .offload import BlockSwap, on_device
+from .planner import MemoryPlan, PlanError, dit_sizes, plan_memory, tokens_for
 from .runner import DiTRunner
 from .pipeline import NonFiniteError, SamplerSettings, StepInfo, default_settings, generate, sample
 from .schedulers import flow_schedule
@@ -43,5 +54,6 @@ __all__ = [
     "StepInfo", "TextEmbeds", "ImageEmbeds", "NonFiniteError", "CheckpointError", "check_video_size",
     "latent_shape", "make_noise", "i2v_size", "image_to_tensor", "flow_schedule", "write_mp4", "read_video",
     "DiTConfig", "VAEConfig", "T5Config", "CLIPVisionConfig", "NEGATIVE_PROMPT", "NEGATIVE_PROMPT_I2V",
-    "NEGATIVE_PROMPT_FLF2V", "__version__",
+    "NEGATIVE_PROMPT_FLF2V", "BlockSwap", "on_device", "plan_memory", "MemoryPlan", "PlanError", "dit_sizes",
+    "tokens_for", "enable_fp8_matmul", "__version__",
 ]

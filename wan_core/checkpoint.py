@@ -2,8 +2,8 @@
 
 The flow is: open the file lazily (:mod:`wan_core.files`), identify kind, layout and config
 from keys and shapes (:mod:`wan_core.layouts`), build the module on the meta device, then
-stream tensors in one at a time, dequantising fp8 and casting to the storage dtype on the
-way. Peak RAM stays near one copy of the weights in their storage dtype. Every check that can
+stream tensors in one at a time, dequantising fp8 (or keeping / quantising the Linear
+weights as fp8, see ``weight_dtype``) and casting to the storage dtype on the way. Peak RAM stays near one copy of the weights in their storage dtype. Every check that can
 fail (wrong kind, truncated file, unknown layout, missing tokenizer) runs before any weight
 is read.
 """
@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import fp8
 from .files import CheckpointError, TensorFile, open_checkpoint
 from .layouts import KIND_NAMES, Detected, Recipe, detect
 
@@ -109,9 +110,43 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, path: Path, key: 
     owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
+def _fp8_eligible(model: nn.Module, keep_fp32: Callable[[str], bool] | None) -> set[str]:
+    """Weights that may be stored fp8: those of CastLinears outside the float32 policy.
+
+    Norms, biases, modulation, embeddings, convolutions and the float32-policy Linears
+    (time MLPs, head, ...) never are.
+    """
+    from .layers import CastLinear
+
+    names = {f"{mn}.weight" if mn else "weight" for mn, m in model.named_modules() if isinstance(m, CastLinear)}
+    return {n for n in names if keep_fp32 is None or not keep_fp32(n)}
+
+
+def _read_fp8(tf: TensorFile, recipe: Recipe, scales: dict[str, str], det: Detected,
+              mode: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One eligible Linear weight in fp8 storage: (fp8 tensor, float32 0-d scale or None).
+
+    An fp8 file tensor already in the wanted format is kept as it is, with its
+    ``scale_weight`` when scaled (no dequantise/requantise). Anything else is dequantised to
+    float32 and quantised to scaled fp8 (:func:`wan_core.fp8.quantize`). Returns None for
+    ``mode == "keep"`` and a non-fp8 file tensor (it follows the ``dtype`` rule).
+    """
+    key = recipe.keys[0]
+    src = tf.dtype(key)
+    want = fp8.WEIGHT_DTYPES[mode]
+    if recipe.op == "copy" and src in _FP8 and (want is None or want == src):
+        scale = tf.read(scales[key]).to(torch.float32).reshape(()) if key in scales else None
+        return tf.read(key), scale
+    if want is None and src not in _FP8:
+        return None
+    fmt = want if want is not None else src     # "keep" of an fp8 tensor built by a cat/transpose
+    return fp8.quantize(_read_recipe(tf, det, recipe, scales), fmt, scaled=True)
+
+
 def load_module(path: str | os.PathLike, kind: str, build, dtype: torch.dtype | None = None,
                 device: torch.device | str = "cpu",
-                keep_fp32: Callable[[str], bool] | None = None) -> tuple[nn.Module, Detected]:
+                keep_fp32: Callable[[str], bool] | None = None,
+                weight_dtype: str | torch.dtype | None = None) -> tuple[nn.Module, Detected]:
     """Build ``build(config)`` on the meta device and stream ``path``'s tensors into it.
 
     ``kind``: the expected kind ("dit", "vae", "t5", "clip_vision"); another kind raises a
@@ -119,9 +154,15 @@ def load_module(path: str | os.PathLike, kind: str, build, dtype: torch.dtype | 
     ``dtype``: storage dtype of floating tensors (None keeps the file's, fp8 -> bf16);
     names for which ``keep_fp32(name)`` is true are stored float32 whatever ``dtype`` is
     (each network's precision policy).
+    ``weight_dtype``: fp8 storage of the Linear weights outside the float32 policy (see
+    :mod:`wan_core.fp8`): None (default) = no fp8, everything follows ``dtype``; "keep" =
+    weights that are fp8 in the file stay fp8 (scaled ones with their ``scale_weight``);
+    "fp8_e4m3fn" / "fp8_e5m2" = every such weight is stored in that format (kept as is
+    when the file already has it, otherwise quantised per tensor to scaled fp8).
     Returns the module (eval mode, no grad) and the detection result.
     """
     path = Path(path)
+    mode = fp8.parse_weight_dtype(weight_dtype)
     device = torch.device(device)
     with open_checkpoint(path) as tf:
         det = detect(tf)
@@ -142,9 +183,19 @@ def load_module(path: str | os.PathLike, kind: str, build, dtype: torch.dtype | 
         scales = dict(det.scales)
         src_dtypes: set[str] = set()
         stored: set[str] = set()
+        eligible = _fp8_eligible(model, keep_fp32) if mode is not None else set()
         for name, recipe in det.recipes.items():
             src = tf.dtype(recipe.keys[0])
             src_dtypes.add(str(src).replace("torch.", ""))
+            packed = _read_fp8(tf, recipe, scales, det, mode) if name in eligible else None  # type: ignore[arg-type]
+            if packed is not None:
+                q, scale = packed
+                _assign(model, name, q.to(device), path, recipe.keys[0])
+                if scale is not None:
+                    owner = model.get_submodule(name.rpartition(".")[0])
+                    owner.register_parameter("scale_weight", nn.Parameter(scale.to(device), requires_grad=False))
+                stored.add(str(q.dtype).replace("torch.", "") + ("-scaled" if scale is not None else ""))
+                continue
             t = _read_recipe(tf, det, recipe, scales)
             target = _target_dtype(name, src, dtype, keep_fp32)
             t = t.to(device=device, dtype=target)

@@ -85,12 +85,22 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # written out (not F.rms_norm, torch >= 2.4 only) in the official order of operations
         x = x.float()
-        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight.float()
+        # in place on the fresh product: same operations and order, one temporary fewer
+        return (x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)).mul_(self.weight.float())
 
 
 def _layer_norm(x: Tensor, eps: float) -> Tensor:
     """Non-affine LayerNorm (official ``norm1``/``norm2``/``head.norm`` have no params)."""
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """``layer_norm(x) * (1 + scale) + shift`` (float32 ``shift``/``scale`` ``[B, 1, dim]``)."""
+    h = _layer_norm(x, eps)
+    if h.dtype != shift.dtype:  # the out-of-place form promotes; keep its result dtype
+        return h * (1 + scale) + shift
+    # in place on the fresh norm output: same operations and order, two temporaries fewer
+    return h.mul_(1 + scale).add_(shift)
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -256,10 +266,10 @@ class WanBlock(nn.Module):
 
     def forward(self, x: Tensor, inp: BlockInputs) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + inp.e0).chunk(6, dim=1)
-        h = _layer_norm(x, self.eps) * (1 + scale1) + shift1
+        h = _modulate(x, shift1, scale1, self.eps)
         x = x + self.self_attn(h, inp) * gate1
         x = x + self.cross_attn(self.norm3(x), inp)
-        h = _layer_norm(x, self.eps) * (1 + scale2) + shift2
+        h = _modulate(x, shift2, scale2, self.eps)
         return x + self.ffn(h.to(inp.compute_dtype)) * gate2
 
 
@@ -275,7 +285,7 @@ class Head(nn.Module):
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         """``x`` ``[B, L, dim]``, ``e`` ``[B, dim]`` -> ``[B, L, 64]`` float32."""
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
-        return self.head(_layer_norm(x.float(), self.eps) * (1 + scale) + shift)
+        return self.head(_modulate(x.float(), shift, scale, self.eps))
 
 
 # --------------------------------------------------------------------------- model

@@ -22,18 +22,23 @@ PathLike = str | os.PathLike
 
 
 def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             compute_dtype: torch.dtype | None = None):
+             compute_dtype: torch.dtype | None = None, weight_dtype: str | torch.dtype | None = None):
     """Wan 2.1 DiT (T2V, I2V or FLF2V, decided by the tensors) -> :class:`wan_core.dit.WanDiT`.
 
     ``dtype``: storage dtype of the Linear weights (None keeps the file's; fp8 files are
     dequantised to bf16). Norms, modulation, time MLPs, patch embedding and head are
     always float32 (:data:`wan_core.dit.FP32_PARAMS`). ``compute_dtype``: dtype the Linears
-    run in (None: their storage dtype).
+    run in (None: their storage dtype; bf16 on CUDA and float32 on CPU for fp8).
+    ``weight_dtype``: fp8 storage of the attention / FFN / text / image-MLP Linear weights:
+    None (default: no fp8), "keep" (fp8 weights of the file stay fp8, scaled ones with their
+    scales), "fp8_e4m3fn" or "fp8_e5m2" (bf16/fp16/fp32 weights are quantised at load time
+    to scaled fp8, absmax/fp8-max per tensor). Biases and the float32-policy parameters
+    follow ``dtype`` as above. See :mod:`wan_core.fp8`.
     """
     from .dit import WanDiT, keeps_fp32
 
     model, _ = load_module(path, "dit", lambda cfg: WanDiT(cfg, compute_dtype=compute_dtype), dtype=dtype,
-                           device=device, keep_fp32=keeps_fp32)
+                           device=device, keep_fp32=keeps_fp32, weight_dtype=weight_dtype)
     return model
 
 
@@ -63,12 +68,14 @@ class TextEncoder:
 
 
 def load_text_encoder(path: PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                      tokenizer_path: PathLike | None = None) -> TextEncoder:
+                      tokenizer_path: PathLike | None = None,
+                      weight_dtype: str | torch.dtype | None = None) -> TextEncoder:
     """umT5-XXL text encoder (official names or ComfyUI/HF, bf16/fp16/fp8/scaled fp8).
 
     The tokenizer comes from ``tokenizer_path``, the ``spiece_model`` tensor ComfyUI embeds,
     or a ``spiece.model`` beside the file; when none is found this fails before reading any
-    weight, saying where to put it.
+    weight, saying where to put it. ``weight_dtype``: fp8 storage of the Linear weights, as
+    in :func:`load_dit` (None: no fp8).
     """
     from .text_encoder import UMT5Encoder, keeps_fp32
     from .tokenizer import UMT5Tokenizer
@@ -78,7 +85,8 @@ def load_text_encoder(path: PathLike, dtype: torch.dtype | None = None, device: 
     if det.kind == "t5":
         spm = find_tokenizer(path, det, tokenizer_path)
         tokenizer = UMT5Tokenizer.from_bytes(spm)
-    model, det = load_module(path, "t5", UMT5Encoder, dtype=dtype, device=device, keep_fp32=keeps_fp32)
+    model, det = load_module(path, "t5", UMT5Encoder, dtype=dtype, device=device, keep_fp32=keeps_fp32,
+                             weight_dtype=weight_dtype)
     if tokenizer.vocab_size > det.config.vocab:  # type: ignore[union-attr]
         raise CheckpointError(f"{path.name}: the tokenizer has {tokenizer.vocab_size} pieces but the "
                               f"encoder's embedding only {det.config.vocab}: tokenizer and weights do not match.")

@@ -19,6 +19,7 @@ from .conditioning import (NEGATIVE_PROMPT, NEGATIVE_PROMPT_FLF2V, NEGATIVE_PROM
                            make_noise)
 from .runner import DiTRunner
 from .schedulers import flow_schedule, get_sampler, noise_latent
+from .text_cache import PromptCache
 
 __all__ = ["SamplerSettings", "StepInfo", "NonFiniteError", "sample", "generate", "default_settings",
            "video_to_tensor", "frames_from_video"]
@@ -53,9 +54,10 @@ class NonFiniteError(RuntimeError):
 
 
 def default_settings(model_type: str, width: int, height: int, **overrides) -> SamplerSettings:
-    """Official defaults: 50 steps for T2V, 40 for I2V/FLF2V; shift 5, but 3 for I2V at
-    480p-class sizes (<= 832*480 pixels) and 16 for FLF2V; guidance 5."""
-    steps = 50 if model_type == "t2v" else 40
+    """Official defaults (generate.py): 40 steps for I2V, 50 otherwise (FLF2V too: its task
+    name holds no "i2v"); shift 5, but 3 for I2V at 480p-class sizes (<= 832*480 pixels) and
+    16 for FLF2V; guidance 5."""
+    steps = 40 if model_type == "i2v" else 50
     shift = 5.0
     if model_type == "i2v" and width * height <= 832 * 480:
         shift = 3.0
@@ -194,7 +196,7 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
              steps: int | None = None, cfg: float | None = None, shift: float | None = None,
              sampler: str = "unipc", seed: int = 0, denoise: float = 1.0, device: str | torch.device = "cpu",
              callback: Callable[[StepInfo], None] | None = None,
-             interrupt: Callable[[], None] | None = None) -> Tensor:
+             interrupt: Callable[[], None] | None = None, prompt_cache: PromptCache | None = None) -> Tensor:
     """The whole job: models or checkpoint paths + settings -> frames ``[T, H, W, 3]`` in 0..1.
 
     T2V: ``prompt`` (+ width/height, default 832x480). I2V: add ``image`` ``[H, W, C]`` in 0..1
@@ -202,6 +204,9 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
     aspect. FLF2V: add ``end_image`` with an FLF2V model. V2V: ``video`` ``[T, H, W, 3]`` in 0..1
     and ``denoise < 1`` with a T2V model. T2I: ``frames=1``. ``steps``/``shift``/``cfg`` default
     to the official values for the model type. Sizes are checked before any model runs.
+    ``prompt_cache``: a :class:`~wan_core.text_cache.PromptCache`; prompts found there run no
+    text encoder (and, given as a path, load none). A text encoder loaded here from a path is
+    dropped right after encoding, before sampling.
     """
     dit = _load("dit", dit, device)
     kind = dit.cfg.model_type
@@ -224,9 +229,13 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
     settings = default_settings(kind, width, height, steps=steps, cfg=cfg, shift=shift, sampler=sampler,
                                 seed=seed, denoise=denoise)
 
-    te = _load("t5", text_encoder, device)
     default_neg = {"t2v": NEGATIVE_PROMPT, "i2v": NEGATIVE_PROMPT_I2V, "flf2v": NEGATIVE_PROMPT_FLF2V}[kind]
-    pos, neg = te.encode([prompt, negative_prompt or default_neg])
+    prompts = [prompt, negative_prompt or default_neg]
+    if prompt_cache is None:
+        pos, neg = _load("t5", text_encoder, device).encode(prompts)
+    else:  # the encoder is loaded (from a path) only when a prompt is missing
+        pos, neg = prompt_cache.encode(prompt_cache.identity(text_encoder), prompts,
+                                       lambda missing: _load("t5", text_encoder, device).encode(missing))
     text = TextEmbeds(pos.float().cpu(), neg.float().cpu())
     vae = _load("vae", vae, device)
     image_embeds = init = None

@@ -12,6 +12,9 @@ optional collaborators change *how* the blocks run:
 The sampler tells the runner which step it is on with :meth:`DiTRunner.begin_step`; a new
 run starts with :meth:`DiTRunner.begin_run`. Neither collaborator may change the numbers
 when disabled: the tests compare against a plain ``dit(...)`` bit for bit.
+
+Contract: an executor never modifies ``tokens`` in place (a step cache computes the residual
+``out - tokens`` from the same tensor), and a sampler evaluates each branch once per step.
 """
 from __future__ import annotations
 

@@ -244,6 +244,7 @@ def test_official_defaults_and_i2v_size() -> None:
     assert default_settings("i2v", 832, 480).steps == 40 and default_settings("i2v", 832, 480).shift == 3.0
     assert default_settings("i2v", 1280, 720).shift == 5.0
     assert default_settings("flf2v", 1280, 720).shift == 16.0
+    assert default_settings("flf2v", 1280, 720).steps == 50    # generate.py: "i2v" not in "flf2v"
     assert default_settings("t2v", 832, 480, steps=8, cfg=None).steps == 8
     assert i2v_size(720, 1280, 832 * 480) == (832, 464)   # official formula, checked by hand
     # float64 sqrt gives 479.99999999999994 here, so the official code itself picks 464 rows

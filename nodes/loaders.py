@@ -1,0 +1,138 @@
+"""Loader nodes: a file from a ComfyUI model folder -> a ready ``wan_core`` module.
+
+Every published layout of each network loads (official, ComfyUI repackaged, diffusers,
+fp8, scaled fp8); the variant is read from the tensor shapes, never from the file name.
+Weights rest on ComfyUI's offload device (the CPU unless ``--highvram``) and move to the
+GPU only while a node computes with them.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import host
+from .types import CLIP_VISION, DIT, TEXT_ENCODER, VAE
+
+__all__ = ["WanCoreLoadDiT", "WanCoreLoadVAE", "WanCoreLoadTextEncoder", "WanCoreLoadCLIPVision"]
+
+_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_TIP = ("Storage dtype of the weights. auto: as in the file (fp8 files become bf16); bf16 halves "
+              "fp32's memory; fp32 is the slowest and most exact.")
+
+
+def _files(key: str) -> tuple[list[str], dict]:
+    return host.filename_list(key), {"tooltip": f"A file in ComfyUI's models/{key}/ folder."}
+
+
+class WanCoreLoadDiT:
+    """Wan 2.1 diffusion transformer (T2V 1.3B/14B, I2V 480p/720p, FLF2V)."""
+
+    CATEGORY = "WanCore/loaders"
+    DESCRIPTION = ("Load a Wan 2.1 diffusion model (T2V, I2V or FLF2V; the type is read from the weights) "
+                   "from models/diffusion_models, in any published format.")
+    FUNCTION = "load"
+    RETURN_TYPES = (DIT,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The diffusion model, for WanCore Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files, tip = _files("diffusion_models")
+        return {"required": {
+            "model_name": (files, tip),
+            "weight_dtype": (list(_DTYPES), {"default": "auto", "tooltip": _DTYPE_TIP}),
+            "attention": (["sdpa", "auto", "sage", "flash"], {
+                "default": "sdpa",
+                "tooltip": "Attention kernel. sdpa: PyTorch's, always available; auto: the fastest installed "
+                           "(SageAttention, FlashAttention, else sdpa); sage / flash: that package."}),
+        }}
+
+    def load(self, model_name: str, weight_dtype: str, attention: str):
+        from ..wan_core import load_dit
+
+        path = host.full_path("diffusion_models", model_name)
+        host.free_host_models()
+        dit = load_dit(path, dtype=_DTYPES[weight_dtype], device=host.offload_device())
+        dit.attention_backend = attention
+        return (dit,)
+
+
+class WanCoreLoadVAE:
+    """Wan 2.1 VAE (wan_2.1_vae.safetensors or the official Wan2.1_VAE.pth)."""
+
+    CATEGORY = "WanCore/loaders"
+    DESCRIPTION = "Load the Wan 2.1 VAE from models/vae (official .pth, ComfyUI or diffusers format)."
+    FUNCTION = "load"
+    RETURN_TYPES = (VAE,)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The VAE, for image-to-video encode, WanCore Decode and WanCore Encode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files, tip = _files("vae")
+        return {"required": {
+            "vae_name": (files, tip),
+            "weight_dtype": (["fp32", "bf16", "fp16"], {
+                "default": "fp32",
+                "tooltip": "fp32 as the official pipeline (exact); bf16 / fp16 halve the VAE's memory."}),
+        }}
+
+    def load(self, vae_name: str, weight_dtype: str):
+        from ..wan_core import load_vae
+
+        path = host.full_path("vae", vae_name)
+        host.free_host_models()
+        return (load_vae(path, dtype=_DTYPES[weight_dtype], device=host.offload_device()),)
+
+
+class WanCoreLoadTextEncoder:
+    """umT5-XXL text encoder with its tokenizer."""
+
+    CATEGORY = "WanCore/loaders"
+    DESCRIPTION = ("Load the umT5-XXL text encoder from models/text_encoders (e.g. "
+                   "umt5_xxl_fp8_e4m3fn_scaled.safetensors, or the official .pth with spiece.model beside it).")
+    FUNCTION = "load"
+    RETURN_TYPES = (TEXT_ENCODER,)
+    RETURN_NAMES = ("text_encoder",)
+    OUTPUT_TOOLTIPS = ("The text encoder, for WanCore Text Encode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files, tip = _files("text_encoders")
+        return {"required": {
+            "text_encoder_name": (files, tip),
+            "weight_dtype": (list(_DTYPES), {"default": "auto", "tooltip": _DTYPE_TIP}),
+        }}
+
+    def load(self, text_encoder_name: str, weight_dtype: str):
+        from ..wan_core import load_text_encoder
+
+        path = host.full_path("text_encoders", text_encoder_name)
+        host.free_host_models()
+        return (load_text_encoder(path, dtype=_DTYPES[weight_dtype], device=host.offload_device()),)
+
+
+class WanCoreLoadCLIPVision:
+    """CLIP ViT-H/14 vision tower used by Wan I2V / FLF2V."""
+
+    CATEGORY = "WanCore/loaders"
+    DESCRIPTION = ("Load the CLIP ViT-H/14 image encoder that Wan image-to-video needs from models/clip_vision "
+                   "(clip_vision_h.safetensors, or the official open-clip .pth).")
+    FUNCTION = "load"
+    RETURN_TYPES = (CLIP_VISION,)
+    RETURN_NAMES = ("clip_vision",)
+    OUTPUT_TOOLTIPS = ("The image encoder, for WanCore Image To Video Encode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files, tip = _files("clip_vision")
+        return {"required": {
+            "clip_name": (files, tip),
+            "weight_dtype": (list(_DTYPES), {"default": "auto", "tooltip": _DTYPE_TIP}),
+        }}
+
+    def load(self, clip_name: str, weight_dtype: str):
+        from ..wan_core import load_clip_vision
+
+        path = host.full_path("clip_vision", clip_name)
+        host.free_host_models()
+        return (load_clip_vision(path, dtype=_DTYPES[weight_dtype], device=host.offload_device()),)

@@ -1,0 +1,119 @@
+"""The sampler node: model + embeddings (+ input latent for video-to-video) -> LATENT."""
+from __future__ import annotations
+
+from . import host
+from .types import DIT, MAX_SEED, TEXT_EMBEDS, VIDEO_EMBEDS, VideoSize
+
+__all__ = ["WanCoreSampler"]
+
+# VALIDATE_INPUTS is called without an input that is not connected, and with None for one
+# that is (its value is computed later): this default tells the two apart.
+_NOT_CONNECTED = "not connected"
+
+
+def _pixels(shape) -> str:
+    """``(16, T', h, w)`` latent shape -> "WxH, N frames"."""
+    return f"{shape[-1] * 8}x{shape[-2] * 8}, {(shape[-3] - 1) * 4 + 1} frames"
+
+
+class WanCoreSampler:
+    """Flow-matching sampling with classifier-free guidance, as the official Wan 2.1 pipelines."""
+
+    CATEGORY = "WanCore/sampling"
+    DESCRIPTION = ("Sample a Wan 2.1 video: text-to-video (Empty Video Embeds), image-to-video and "
+                   "first-last-frame (Image To Video Encode), or video-to-video (connect an input LATENT and "
+                   "set denoise below 1). Outputs a Wan 2.1 LATENT that core VAE Decode and Save Latent accept.")
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Sampled latents {'samples': [1, 16, (frames-1)/4+1, height/8, width/8]} in raw VAE "
+                       "space (ComfyUI's Wan 2.1 convention), for WanCore Decode or core VAE Decode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (DIT, {"tooltip": "From WanCore Load Diffusion Model."}),
+                "text_embeds": (TEXT_EMBEDS, {"tooltip": "From WanCore Text Encode."}),
+                "video_embeds": (VIDEO_EMBEDS, {
+                    "tooltip": "From WanCore Empty Video Embeds (T2V, V2V) or WanCore Image To Video Encode "
+                               "(I2V, FLF2V)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "Noise seed; the same seed gives the same video on every device."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000,
+                                  "tooltip": "Sampling steps. Official: 50 for T2V, 40 for I2V / FLF2V."}),
+                "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Guidance scale (official 5.0). 1.0 turns guidance off and "
+                                             "halves the time."}),
+                "shift": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                    "tooltip": "Schedule shift (official: 5.0; 3.0 for I2V at 480p; 16 for "
+                                               "FLF2V). Higher spends more steps on coarse structure."}),
+                "sampler": (["unipc", "dpm++", "euler"], {
+                    "default": "unipc",
+                    "tooltip": "Solver. unipc is the official default; dpm++ the official alternative."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                      "tooltip": "1.0 samples from pure noise. Below 1 (video-to-video) starts "
+                                                 "from the input latent noised to this level; needs 'latent'."}),
+            },
+            "optional": {
+                "latent": ("LATENT", {"tooltip": "Video-to-video: the input video's latent (WanCore Encode or "
+                                                 "Load Latent); its size must match video_embeds."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, denoise=None, latent=_NOT_CONNECTED):
+        if denoise is None:
+            return True
+        if not 0.0 < float(denoise) <= 1.0:
+            return f"denoise must be above 0 and at most 1; got {denoise}."
+        if float(denoise) < 1.0 and isinstance(latent, str) and latent == _NOT_CONNECTED:
+            return ("denoise below 1 is video-to-video: connect the input video's LATENT (WanCore Encode) to "
+                    "'latent', or set denoise to 1.0.")
+        return True
+
+    def sample(self, model, text_embeds, video_embeds, seed: int, steps: int, cfg: float, shift: float,
+               sampler: str, denoise: float, latent=None, unique_id=None):
+        from ..wan_core import ImageEmbeds, SamplerSettings, latent_shape, sample
+        from ..wan_core.vae import denormalize_latents, normalize_latents
+
+        dit_cfg = model.cfg
+        image = video_embeds if isinstance(video_embeds, ImageEmbeds) else None
+        if dit_cfg.has_image_input and image is None:
+            raise ValueError(f"{dit_cfg.variant} is an image-to-video model: connect WanCore Image To Video "
+                             "Encode (with a start image) to video_embeds, or load a text-to-video model.")
+        if not dit_cfg.has_image_input and image is not None:
+            raise ValueError(f"{dit_cfg.variant} is a text-to-video model, but video_embeds come from WanCore "
+                             "Image To Video Encode: load an I2V model, or use WanCore Empty Video Embeds.")
+        if image is not None:
+            has_end = image.y.shape[1] > 1 and bool(image.y[:4, -1].eq(1).any())  # mask of the last latent frame
+            if has_end != (dit_cfg.model_type == "flf2v"):
+                raise ValueError(f"{dit_cfg.variant}: an end image needs an FLF2V model, and an FLF2V model needs "
+                                 "an end image; connect end_image only with the FLF2V model.")
+            shape = (16, *image.y.shape[-3:])
+        else:
+            size: VideoSize = video_embeds
+            shape = latent_shape(size.width, size.height, size.frames)
+
+        init = None
+        if latent is not None:
+            samples = latent["samples"]
+            if samples.ndim != 5 or samples.shape[0] != 1 or samples.shape[1] != 16:
+                raise ValueError(f"the input latent must be one Wan 2.1 video latent [1, 16, T', h, w]; got shape "
+                                 f"{tuple(samples.shape)}.")
+            if tuple(samples.shape[1:]) != tuple(shape):
+                raise ValueError(f"the input latent is {_pixels(samples.shape)} but video_embeds say "
+                                 f"{_pixels(shape)}: make them the same size.")
+            init = normalize_latents(samples.float().cpu())[0]
+        elif denoise < 1.0:
+            raise ValueError("denoise below 1 is video-to-video: connect the input video's LATENT, or set denoise "
+                             "to 1.0.")
+
+        settings = SamplerSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, seed=seed, denoise=denoise)
+        progress = host.Progress(steps, unique_id, preview=True)
+        with host.on_device(model):
+            out = sample(model, text_embeds, settings, shape=shape, image=image, init_latents=init,
+                         callback=lambda info: progress.update(info.step, info.total, info.x0),
+                         interrupt=host.check_interrupt)
+        return ({"samples": denormalize_latents(out[None])},)

@@ -1,0 +1,290 @@
+"""Write the example workflows: UI format in ``workflows/``, API format in ``workflows/api/``.
+
+Each graph is written once below; both files come from it, so the UI and API versions
+cannot drift. Run ``python workflows/build_workflows.py`` after changing a graph and commit
+the JSON (``tests/unit/test_workflows.py`` checks the files, not this script). ComfyUI only
+serves ``workflows/*.json``; this script is not part of the pack at run time.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# Core nodes used by the examples: (inputs in definition order as (name, type, widget?), outputs).
+# An upload combo (LoadImage, LoadVideo) is followed by the frontend's "upload" widget.
+CORE = {
+    "Note": ([("text", "STRING", True)], []),
+    "LoadImage": ([("image", "COMBO", True), ("upload", "IMAGEUPLOAD", True)], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "LoadVideo": ([("file", "COMBO", True), ("upload", "IMAGEUPLOAD", True)], [("VIDEO", "VIDEO")]),
+    "GetVideoComponents": ([("video", "VIDEO", False)], [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")]),
+    "ImageFromBatch": ([("image", "IMAGE", False), ("batch_index", "INT", True), ("length", "INT", True)],
+                       [("IMAGE", "IMAGE")]),
+    "ImageScale": ([("image", "IMAGE", False), ("upscale_method", "COMBO", True), ("width", "INT", True),
+                    ("height", "INT", True), ("crop", "COMBO", True)], [("IMAGE", "IMAGE")]),
+    "CreateVideo": ([("images", "IMAGE", False), ("fps", "FLOAT", True), ("audio", "AUDIO", False)],
+                    [("VIDEO", "VIDEO")]),
+    "SaveVideo": ([("video", "VIDEO", False), ("filename_prefix", "STRING", True), ("format", "COMBO", True),
+                   ("codec", "COMBO", True)], []),
+    "SaveImage": ([("images", "IMAGE", False), ("filename_prefix", "STRING", True)], []),
+}
+UI_ONLY = {"Note"}  # frontend-only nodes: not part of an API graph
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+HF = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/tree/main/split_files"
+T5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+VAE = "wan_2.1_vae.safetensors"
+CLIP = "clip_vision_h.safetensors"
+NEG = ""  # empty: the official default negative prompt of the model type
+
+
+def _pack_specs() -> dict[str, tuple[list, list]]:
+    """Our nodes' inputs/outputs in the CORE format, read from the pack itself."""
+    sys.modules.setdefault("folder_paths", types.SimpleNamespace(get_filename_list=lambda key: []))
+    pack = sys.modules.get("wancore_pack")
+    if pack is None:
+        spec = importlib.util.spec_from_file_location("wancore_pack", ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules["wancore_pack"] = pack
+        spec.loader.exec_module(pack)
+    out = {}
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        d = cls.INPUT_TYPES()
+        inputs = []
+        for section in ("required", "optional"):
+            for name, (kind, _opts) in d.get(section, {}).items():
+                kind = "COMBO" if isinstance(kind, list) else kind
+                inputs.append((name, kind, kind in WIDGET_TYPES))
+        out[node_id] = (inputs, list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES)))
+    return out
+
+
+def control_after(name: str, kind: str) -> bool:
+    """The frontend adds a control widget after an INT named seed / noise_seed (or with
+    control_after_generate; our only such input is the sampler's seed)."""
+    return kind == "INT" and name in ("seed", "noise_seed")
+
+
+class Graph:
+    def __init__(self, specs: dict):
+        self.specs, self.nodes, self.links = specs, [], []
+
+    def add(self, node_type: str, pos: tuple[int, int], widgets: dict | None = None, inputs: dict | None = None,
+            size: tuple[int, int] = (320, 160), title: str | None = None) -> int:
+        """A node; ``widgets`` by name (all widget inputs), ``inputs`` name -> (node id, output slot)."""
+        widgets, inputs = dict(widgets or {}), dict(inputs or {})
+        spec_in, spec_out = self.specs[node_type]
+        node_id = len(self.nodes) + 1
+        values, sockets = [], []
+        for name, kind, is_widget in spec_in:
+            if is_widget:
+                if name == "upload":
+                    values.append("image")
+                    continue
+                values.append(widgets.pop(name))
+                if control_after(name, kind):
+                    values.append("fixed")
+            else:
+                link = None
+                if name in inputs:
+                    src, slot = inputs.pop(name)
+                    link = len(self.links) + 1
+                    self.links.append([link, src, slot, node_id, len(sockets), kind])
+                sockets.append({"name": name, "type": kind, "link": link})
+        assert not widgets and not inputs, (node_type, widgets, inputs)
+        node = {"id": node_id, "type": node_type, "pos": list(pos), "size": list(size), "flags": {},
+                "order": node_id - 1, "mode": 0, "inputs": sockets,
+                "outputs": [{"name": n, "type": t, "links": []} for n, t in spec_out],
+                "properties": {"Node name for S&R": node_type}, "widgets_values": values}
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node_id
+
+    def ui(self) -> dict:
+        nodes = json.loads(json.dumps(self.nodes))
+        for link in self.links:
+            nodes[link[1] - 1]["outputs"][link[2]]["links"].append(link[0])
+        for n in nodes:
+            for o in n["outputs"]:
+                o["links"] = o["links"] or None
+        return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0, "last_node_id": len(nodes),
+                "last_link_id": len(self.links), "nodes": nodes, "links": self.links, "groups": [], "config": {},
+                "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+    def api(self) -> dict:
+        out = {}
+        for n in self.nodes:
+            if n["type"] in UI_ONLY:
+                continue
+            spec_in, _ = self.specs[n["type"]]
+            values = list(n["widgets_values"])
+            inputs = {}
+            for name, kind, is_widget in spec_in:
+                if is_widget:
+                    v = values.pop(0)
+                    if name == "upload":
+                        continue
+                    inputs[name] = v
+                    if control_after(name, kind):
+                        values.pop(0)
+            for i, s in enumerate(n["inputs"]):
+                if s["link"] is not None:
+                    link = self.links[s["link"] - 1]
+                    inputs[s["name"]] = [str(link[1]), link[2]]
+            out[str(n["id"])] = {"class_type": n["type"], "inputs": inputs,
+                                 "_meta": {"title": n.get("title", n["type"])}}
+        return out
+
+
+# ---------------------------------------------------------------------------------------- graphs
+
+def _note(g: Graph, text: str) -> None:
+    g.add("Note", (0, -260), {"text": text}, size=(760, 220))
+
+
+def _files(model: str, clip: bool = False) -> str:
+    lines = [f"Download (from {HF}):",
+             f"- diffusion_models/{model} -> ComfyUI/models/diffusion_models/",
+             f"- text_encoders/{T5} -> ComfyUI/models/text_encoders/",
+             f"- vae/{VAE} -> ComfyUI/models/vae/"]
+    if clip:
+        lines.append(f"- clip_vision/{CLIP} -> ComfyUI/models/clip_vision/")
+    return "\n".join(lines)
+
+
+def _loaders(g: Graph, model: str, clip: bool = False, weight_dtype: str = "auto"):
+    dit = g.add("WanCoreLoadDiT", (0, 0), {"model_name": model, "weight_dtype": weight_dtype, "attention": "sdpa"})
+    te = g.add("WanCoreLoadTextEncoder", (0, 180), {"text_encoder_name": T5, "weight_dtype": "auto"})
+    vae = g.add("WanCoreLoadVAE", (0, 340), {"vae_name": VAE, "weight_dtype": "fp32"})
+    cv = g.add("WanCoreLoadCLIPVision", (0, 480), {"clip_name": CLIP, "weight_dtype": "auto"}) if clip else None
+    return dit, te, vae, cv
+
+
+def _text(g: Graph, te: int, prompt: str, model_type: str) -> int:
+    return g.add("WanCoreTextEncode", (360, 0), {"positive": prompt, "negative": NEG, "model_type": model_type},
+                 {"text_encoder": (te, 0)}, size=(400, 260))
+
+
+def _sample_and_save(g: Graph, dit: int, text: int, embeds: int, vae: int, *, steps: int, shift: float,
+                     seed: int = 42, denoise: float = 1.0, latent: int | None = None, prefix: str,
+                     image: bool = False) -> None:
+    inputs = {"model": (dit, 0), "text_embeds": (text, 0), "video_embeds": (embeds, 0)}
+    if latent is not None:
+        inputs["latent"] = (latent, 0)
+    s = g.add("WanCoreSampler", (800, 0), {"seed": seed, "steps": steps, "cfg": 5.0, "shift": shift,
+                                           "sampler": "unipc", "denoise": denoise}, inputs, size=(320, 260))
+    d = g.add("WanCoreDecode", (1160, 0), {"tiling": "auto", "tile_size": 512, "tile_overlap": 64},
+              {"vae": (vae, 0), "latent": (s, 0)})
+    if image:
+        g.add("SaveImage", (1520, 0), {"filename_prefix": prefix}, {"images": (d, 0)}, size=(400, 400))
+        return
+    v = g.add("CreateVideo", (1520, 0), {"fps": 16.0}, {"images": (d, 0)}, size=(240, 80))
+    g.add("SaveVideo", (1800, 0), {"filename_prefix": prefix, "format": "auto", "codec": "auto"}, {"video": (v, 0)},
+          size=(400, 400))
+
+
+def t2v(specs, model: str, name: str, note: str) -> Graph:
+    g = Graph(specs)
+    _note(g, note + "\n\n" + _files(model))
+    dit, te, vae, _ = _loaders(g, model)
+    text = _text(g, te, "A white cat walks slowly across a sunlit garden, realistic style, soft light.", "t2v")
+    size = g.add("WanCoreEmptyVideoEmbeds", (360, 300), {"width": 832, "height": 480, "frames": 81})
+    _sample_and_save(g, dit, text, size, vae, steps=50, shift=5.0, prefix=f"WanCore/{name}")
+    return g
+
+
+def i2v(specs, model: str, name: str, width: int, height: int, shift: float, note: str, end: bool = False) -> Graph:
+    g = Graph(specs)
+    _note(g, note + "\n\n" + _files(model, clip=True) + "\nPut your start image" + (" and end image" if end else "")
+          + " in ComfyUI/input/ (or drop it on Load Image); give width/height the image's aspect ratio.")
+    dit, te, vae, cv = _loaders(g, model, clip=True)
+    first = g.add("LoadImage", (360, 300), {"image": "example.png"}, size=(300, 320), title="Start image")
+    inputs = {"vae": (vae, 0), "clip_vision": (cv, 0), "start_image": (first, 0)}
+    if end:
+        inputs["end_image"] = (g.add("LoadImage", (360, 660), {"image": "example.png"}, size=(300, 320),
+                                     title="End image"), 0)
+    embeds = g.add("WanCoreImageToVideoEncode", (360, 1000) if end else (360, 660),
+                   {"width": width, "height": height, "frames": 81}, inputs)
+    kind = "flf2v" if end else "i2v"
+    text = _text(g, te, "The cat turns its head towards the camera and blinks, gentle breeze.", kind)
+    _sample_and_save(g, dit, text, embeds, vae, steps=50 if end else 40, shift=shift, prefix=f"WanCore/{name}")
+    return g
+
+
+def v2v(specs) -> Graph:
+    model = "wan2.1_t2v_1.3B_bf16.safetensors"
+    g = Graph(specs)
+    _note(g, "Video-to-video with Wan 2.1 T2V 1.3B: the input video is cut to 33 frames (4n+1), scaled to "
+          "832x480, encoded, noised to 'denoise' and sampled again. Lower denoise keeps more of the input.\n\n"
+          + _files(model) + "\nPut your video in ComfyUI/input/ (or drop it on Load Video).")
+    dit, te, vae, _ = _loaders(g, model)
+    video = g.add("LoadVideo", (360, 300), {"file": "example.mp4"}, size=(300, 320))
+    parts = g.add("GetVideoComponents", (360, 660), {}, {"video": (video, 0)}, size=(240, 100))
+    clip = g.add("ImageFromBatch", (360, 800), {"batch_index": 0, "length": 33}, {"image": (parts, 0)})
+    scaled = g.add("ImageScale", (360, 960), {"upscale_method": "lanczos", "width": 832, "height": 480,
+                                              "crop": "center"}, {"image": (clip, 0)})
+    latent = g.add("WanCoreEncode", (360, 1140), {"tiling": "auto", "tile_size": 512, "tile_overlap": 64},
+                   {"vae": (vae, 0), "images": (scaled, 0)})
+    text = _text(g, te, "A white cat walks slowly across a sunlit garden, oil painting style.", "t2v")
+    size = g.add("WanCoreEmptyVideoEmbeds", (360, 1320), {"width": 832, "height": 480, "frames": 33})
+    _sample_and_save(g, dit, text, size, vae, steps=50, shift=5.0, denoise=0.7, latent=latent, prefix="WanCore/v2v")
+    return g
+
+
+def t2i(specs) -> Graph:
+    model = "wan2.1_t2v_1.3B_bf16.safetensors"
+    g = Graph(specs)
+    _note(g, "Text-to-image with Wan 2.1 T2V 1.3B: one frame (frames = 1).\n\n" + _files(model))
+    dit, te, vae, _ = _loaders(g, model)
+    text = _text(g, te, "A white cat sitting in a sunlit garden, realistic photo, soft light.", "t2v")
+    size = g.add("WanCoreEmptyVideoEmbeds", (360, 300), {"width": 832, "height": 480, "frames": 1})
+    _sample_and_save(g, dit, text, size, vae, steps=50, shift=5.0, prefix="WanCore/t2i", image=True)
+    return g
+
+
+def graphs(specs) -> dict[str, Graph]:
+    return {
+        "wan_t2v_1.3B": t2v(specs, "wan2.1_t2v_1.3B_bf16.safetensors", "t2v_1.3B",
+                            "Text-to-video with Wan 2.1 T2V 1.3B, 832x480, 81 frames (5 s at 16 fps). "
+                            "Needs about 8 GB of VRAM."),
+        "wan_t2v_14B_fp8_8GB": t2v(specs, "wan2.1_t2v_14B_fp8_e4m3fn.safetensors", "t2v_14B",
+                                   "Text-to-video with Wan 2.1 T2V 14B from its fp8 file (14 GB download), 832x480, "
+                                   "81 frames. Models rest in system RAM between nodes (32 GB RAM or more). "
+                                   "8 GB GPUs need the loader's memory options (fp8 storage, block swap), which "
+                                   "are appended to WanCore Load Diffusion Model when they land; until then the "
+                                   "model is held in bf16 on the GPU while it samples."),
+        "wan_i2v_480p": i2v(specs, "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors", "i2v_480p", 832, 480, 3.0,
+                            "Image-to-video with Wan 2.1 I2V 14B 480p, 832x480, 81 frames (official: 40 "
+                            "steps, shift 3)."),
+        "wan_i2v_720p": i2v(specs, "wan2.1_i2v_720p_14B_fp8_e4m3fn.safetensors", "i2v_720p", 1280, 720, 5.0,
+                            "Image-to-video with Wan 2.1 I2V 14B 720p, 1280x720, 81 frames (official: 40 "
+                            "steps, shift 5)."),
+        "wan_flf2v_720p": i2v(specs, "wan2.1_flf2v_720p_14B_fp8_e4m3fn.safetensors", "flf2v", 1280, 720, 16.0,
+                              "First-last-frame-to-video with Wan 2.1 FLF2V 14B 720p, 1280x720, 81 frames "
+                              "(official: 50 steps, shift 16).", end=True),
+        "wan_v2v_1.3B": v2v(specs),
+        "wan_t2i_1.3B": t2i(specs),
+    }
+
+
+def all_specs() -> dict:
+    return dict(CORE, **_pack_specs())
+
+
+def main() -> None:
+    specs = all_specs()
+    for name, g in graphs(specs).items():
+        (HERE / f"{name}.json").write_text(json.dumps(g.ui(), indent=1, ensure_ascii=False) + "\n")
+        (HERE / "api" / f"{name}.json").write_text(json.dumps(g.api(), indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
+
+
+if __name__ == "__main__":
+    main()
