@@ -26,6 +26,12 @@ Memory (fp8 storage, block swap, planner)::
     sample(dit, ..., runner=DiTRunner(dit, executor=swap)); swap.release()
     with on_device(vae, "cuda"): vae.decode(latents)
 
+Speed (step caches, LoRA, compile)::
+
+    runner = DiTRunner(dit, step_cache=TeaCache.for_model(dit, threshold=0.08))
+    with applied_loras(dit, [LoraSpec("style.safetensors", 0.8)]) as report: sample(..., runner=runner)
+    compile_blocks(dit)                                  # off by default; falls back to eager
+
 The whole job::
 
     generate(dit=..., vae=..., text_encoder=..., prompt=..., ...) -> frames [T, H, W, 3] in 0..1
@@ -37,13 +43,18 @@ from .conditioning import (NEGATIVE_PROMPT, NEGATIVE_PROMPT_FLF2V, NEGATIVE_PROM
                            make_noise)
 from .configs import CLIPVisionConfig, DiTConfig, T5Config, VAEConfig
 from .files import CheckpointError
+from .compile import compile_blocks
 from .fp8 import enable_fp8_matmul
 from .loaders import TextEncoder, load_clip_vision, load_dit, load_text_encoder, load_vae
+from .lora import LoraError, LoraReport, LoraSpec, applied_loras, apply_loras
 from .offload import BlockSwap, on_device
 from .planner import MemoryPlan, PlanError, dit_sizes, plan_memory, tokens_for
 from .runner import DiTRunner
 from .pipeline import NonFiniteError, SamplerSettings, StepInfo, default_settings, generate, sample
 from .schedulers import flow_schedule
+from .step_cache import MagCache, TeaCache
+from .text_cache import PromptCache
+from .vae_tiling import decode_tiled, encode_tiled
 from .video import read_video, write_mp4
 
 __version__ = "0.1.0"
@@ -55,5 +66,6 @@ __all__ = [
     "latent_shape", "make_noise", "i2v_size", "image_to_tensor", "flow_schedule", "write_mp4", "read_video",
     "DiTConfig", "VAEConfig", "T5Config", "CLIPVisionConfig", "NEGATIVE_PROMPT", "NEGATIVE_PROMPT_I2V",
     "NEGATIVE_PROMPT_FLF2V", "BlockSwap", "on_device", "plan_memory", "MemoryPlan", "PlanError", "dit_sizes",
-    "tokens_for", "enable_fp8_matmul", "__version__",
+    "tokens_for", "enable_fp8_matmul", "compile_blocks", "LoraSpec", "LoraReport", "LoraError", "apply_loras",
+    "applied_loras", "TeaCache", "MagCache", "PromptCache", "decode_tiled", "encode_tiled", "__version__",
 ]

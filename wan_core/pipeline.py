@@ -20,6 +20,7 @@ from .conditioning import (NEGATIVE_PROMPT, NEGATIVE_PROMPT_FLF2V, NEGATIVE_PROM
 from .runner import DiTRunner
 from .schedulers import flow_schedule, get_sampler, noise_latent
 from .text_cache import PromptCache
+from .vae_tiling import decode_tiled
 
 __all__ = ["SamplerSettings", "StepInfo", "NonFiniteError", "sample", "generate", "default_settings",
            "video_to_tensor", "frames_from_video"]
@@ -196,7 +197,8 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
              steps: int | None = None, cfg: float | None = None, shift: float | None = None,
              sampler: str = "unipc", seed: int = 0, denoise: float = 1.0, device: str | torch.device = "cpu",
              callback: Callable[[StepInfo], None] | None = None,
-             interrupt: Callable[[], None] | None = None, prompt_cache: PromptCache | None = None) -> Tensor:
+             interrupt: Callable[[], None] | None = None, prompt_cache: PromptCache | None = None,
+             runner: DiTRunner | None = None, vae_tile="auto") -> Tensor:
     """The whole job: models or checkpoint paths + settings -> frames ``[T, H, W, 3]`` in 0..1.
 
     T2V: ``prompt`` (+ width/height, default 832x480). I2V: add ``image`` ``[H, W, C]`` in 0..1
@@ -206,7 +208,10 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
     to the official values for the model type. Sizes are checked before any model runs.
     ``prompt_cache``: a :class:`~wan_core.text_cache.PromptCache`; prompts found there run no
     text encoder (and, given as a path, load none). A text encoder loaded here from a path is
-    dropped right after encoding, before sampling.
+    dropped right after encoding, before sampling. ``runner``: a :class:`DiTRunner` over the
+    (loaded) ``dit`` carrying block swap or a step cache. ``vae_tile``: "auto" (untiled when the
+    frame fits the memory budget, else tiled, retrying smaller tiles on out-of-memory), None
+    (untiled) or a tile size in latent pixels (see :func:`wan_core.vae_tiling.decode_tiled`).
     """
     dit = _load("dit", dit, device)
     kind = dit.cfg.model_type
@@ -248,5 +253,5 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
     if video is not None:
         init = vae.encode(video_to_tensor(video))[0].float().cpu()
     latents = sample(dit, text, settings, shape=latent_shape(width, height, frames), image=image_embeds,
-                     init_latents=init, callback=callback, interrupt=interrupt)
-    return frames_from_video(vae.decode(latents[None]))
+                     init_latents=init, callback=callback, interrupt=interrupt, runner=runner)
+    return frames_from_video(decode_tiled(vae, latents[None], tile=vae_tile))
