@@ -7,6 +7,7 @@ renamed, reordered or removed, only appended as optional ones at the end
 """
 from .conditioning import WanCoreEmptyVideoEmbeds, WanCoreImageToVideoEncode, WanCoreTextEncode
 from .loaders import WanCoreLoadCLIPVision, WanCoreLoadDiT, WanCoreLoadTextEncoder, WanCoreLoadVAE
+from .options import WanCoreCompileOptions, WanCoreLoraLoader, WanCoreMemoryOptions, WanCoreStepCache
 from .sampling import WanCoreSampler
 from .vae import WanCoreDecode, WanCoreEncode
 
@@ -21,6 +22,10 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "WanCoreSampler": WanCoreSampler,
     "WanCoreDecode": WanCoreDecode,
     "WanCoreEncode": WanCoreEncode,
+    "WanCoreMemoryOptions": WanCoreMemoryOptions,
+    "WanCoreLoraLoader": WanCoreLoraLoader,
+    "WanCoreStepCache": WanCoreStepCache,
+    "WanCoreCompileOptions": WanCoreCompileOptions,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
@@ -34,6 +39,10 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "WanCoreSampler": "WanCore Sampler",
     "WanCoreDecode": "WanCore Decode",
     "WanCoreEncode": "WanCore Encode",
+    "WanCoreMemoryOptions": "WanCore Memory Options",
+    "WanCoreLoraLoader": "WanCore LoRA Loader",
+    "WanCoreStepCache": "WanCore Step Cache",
+    "WanCoreCompileOptions": "WanCore Compile Options",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

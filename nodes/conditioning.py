@@ -1,11 +1,25 @@
 """Conditioning nodes: prompts -> text embeddings; size or start image(s) -> video embeddings."""
 from __future__ import annotations
 
-from . import host
-from .types import (CLIP_VISION, MAX_FRAMES, MAX_SIZE, TEXT_EMBEDS, TEXT_ENCODER, VAE, VIDEO_EMBEDS, VideoSize,
-                    check_size)
+import contextlib
+import functools
 
-__all__ = ["WanCoreTextEncode", "WanCoreEmptyVideoEmbeds", "WanCoreImageToVideoEncode", "size_inputs"]
+from . import host
+from .types import (CLIP_VISION, MAX_FRAMES, MAX_SIZE, MEMORY_OPTIONS, TEXT_EMBEDS, TEXT_ENCODER, VAE, VIDEO_EMBEDS,
+                    VideoSize, check_size)
+
+__all__ = ["WanCoreEmptyVideoEmbeds", "WanCoreImageToVideoEncode", "WanCoreTextEncode", "prompt_cache",
+           "size_inputs"]
+
+
+@functools.cache
+def prompt_cache():
+    """The pack's one prompt-embedding cache (bounded: 32 prompts, 256 MiB on the CPU), keyed by
+    the text encoder object (held weakly) and the prompt, so a re-queued prompt runs no umT5.
+    Built on first use, never at import."""
+    from ..wan_core import PromptCache
+
+    return PromptCache(max_entries=32, max_bytes=256 * 2**20)
 
 
 def size_inputs(width: int, height: int, frames: int) -> dict:
@@ -43,15 +57,31 @@ class WanCoreTextEncode:
                 "default": "t2v",
                 "tooltip": "The model these prompts are for; picks the official default negative prompt used "
                            "when 'negative' is empty (i2v adds 'camera shake', flf2v also 'shot cut')."}),
+        }, "optional": {
+            "memory": (MEMORY_OPTIONS, {"tooltip": "WanCore Memory Options: text_encoder_on_cpu and the VRAM "
+                                                   "budget decide where umT5 runs. Not connected: auto."}),
         }}
 
-    def encode(self, text_encoder, positive: str, negative: str, model_type: str):
-        from ..wan_core import NEGATIVE_PROMPT, NEGATIVE_PROMPT_FLF2V, NEGATIVE_PROMPT_I2V, TextEmbeds
+    def encode(self, text_encoder, positive: str, negative: str, model_type: str, memory=None):
+        from ..wan_core import (
+            NEGATIVE_PROMPT,
+            NEGATIVE_PROMPT_FLF2V,
+            NEGATIVE_PROMPT_I2V,
+            TextEmbeds,
+        )
+        from .plans import text_encoder_device
 
         default = {"t2v": NEGATIVE_PROMPT, "i2v": NEGATIVE_PROMPT_I2V, "flf2v": NEGATIVE_PROMPT_FLF2V}[model_type]
-        with host.on_device(text_encoder.model):
-            pos, neg = text_encoder.encode([positive, negative or default])
-        return (TextEmbeds(pos.float().cpu(), neg.float().cpu()),)
+
+        def run(prompts: list[str]):
+            on_cpu = text_encoder_device(text_encoder, memory) == "cpu"
+            with contextlib.nullcontext() if on_cpu else host.on_device(text_encoder.model):
+                return [e.float().cpu() for e in text_encoder.encode(prompts)]
+
+        cache = prompt_cache()
+        pos, neg = cache.encode(cache.identity(text_encoder), [positive, negative or default], run)
+        # copies: the cached tensors must never be changed by a later node
+        return (TextEmbeds(pos.clone(), neg.clone()),)
 
 
 class WanCoreEmptyVideoEmbeds:

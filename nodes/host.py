@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 __all__ = ["filename_list", "full_path", "torch_device", "offload_device", "free_host_models",
-           "soft_empty_cache", "on_device", "check_interrupt", "Progress"]
+           "soft_empty_cache", "free_vram_bytes", "on_device", "check_interrupt", "Progress"]
 
 
 def _optional(name: str):
@@ -87,6 +87,17 @@ def soft_empty_cache() -> None:
     mm = _mm()
     if mm is not None:
         mm.soft_empty_cache()
+
+
+def free_vram_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA ``device`` in bytes after ComfyUI's models are unloaded (what our
+    memory plans budget against); None for any other device."""
+    from ..wan_core.planner import free_vram_bytes as _free
+
+    if torch.device(device).type != "cuda":
+        return None
+    free_host_models()
+    return _free(device)
 
 
 @contextlib.contextmanager

@@ -10,13 +10,19 @@ from __future__ import annotations
 import torch
 
 from . import host
-from .types import CLIP_VISION, DIT, TEXT_ENCODER, VAE
+from .types import CLIP_VISION, DIT, LORAS, MEMORY_OPTIONS, TEXT_ENCODER, VAE
 
 __all__ = ["WanCoreLoadDiT", "WanCoreLoadVAE", "WanCoreLoadTextEncoder", "WanCoreLoadCLIPVision"]
 
 _DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DTYPE_TIP = ("Storage dtype of the weights. auto: as in the file (fp8 files become bf16); bf16 halves "
               "fp32's memory; fp32 is the slowest and most exact.")
+# DiT only, appended after the original options (saved workflows keep their values): fp8
+# storage of the Linear weights, upcast per layer (exact for the stored values).
+_FP8 = {"fp8_e4m3fn": "fp8_e4m3fn", "fp8_e5m2": "fp8_e5m2", "keep (file)": "keep"}
+_DIT_DTYPE_TIP = (_DTYPE_TIP + " fp8_e4m3fn / fp8_e5m2: Linear weights stored in fp8 (half of bf16; a bf16 file "
+                  "is quantised at load with a per-tensor scale), computed in bf16 on a GPU. keep (file): "
+                  "an fp8 file stays fp8 as it is; other files as auto.")
 
 
 def _files(key: str) -> tuple[list[str], dict]:
@@ -39,20 +45,31 @@ class WanCoreLoadDiT:
         files, tip = _files("diffusion_models")
         return {"required": {
             "model_name": (files, tip),
-            "weight_dtype": (list(_DTYPES), {"default": "auto", "tooltip": _DTYPE_TIP}),
+            "weight_dtype": (list(_DTYPES) + list(_FP8), {"default": "auto", "tooltip": _DIT_DTYPE_TIP}),
             "attention": (["sdpa", "auto", "sage", "flash"], {
                 "default": "sdpa",
                 "tooltip": "Attention kernel. sdpa: PyTorch's, always available; auto: the fastest installed "
                            "(SageAttention, FlashAttention, else sdpa); sage / flash: that package."}),
+        }, "optional": {
+            "memory": (MEMORY_OPTIONS, {"tooltip": "WanCore Memory Options used by every sampler of this model "
+                                                   "whose own 'memory' input is not connected."}),
+            "loras": (LORAS, {"tooltip": "WanCore LoRA Loader: LoRAs merged into the weights at load (no cost per "
+                                         "step; not exact with fp8 storage: prefer the sampler's 'loras' there)."}),
         }}
 
-    def load(self, model_name: str, weight_dtype: str, attention: str):
-        from ..wan_core import load_dit
+    def load(self, model_name: str, weight_dtype: str, attention: str, memory=None, loras=None):
+        from ..wan_core import apply_loras, load_dit
 
         path = host.full_path("diffusion_models", model_name)
         host.free_host_models()
-        dit = load_dit(path, dtype=_DTYPES[weight_dtype], device=host.offload_device())
+        if weight_dtype in _FP8:
+            dit = load_dit(path, device=host.offload_device(), weight_dtype=_FP8[weight_dtype])
+        else:
+            dit = load_dit(path, dtype=_DTYPES[weight_dtype], device=host.offload_device())
         dit.attention_backend = attention
+        dit.wancore_memory = memory
+        if loras:
+            apply_loras(dit, list(loras), mode="merge")
         return (dit,)
 
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from . import host
-from .types import DIT, MAX_SEED, TEXT_EMBEDS, VIDEO_EMBEDS, VideoSize
+from .plans import prepared_dit
+from .types import COMPILE, DIT, LORAS, MAX_SEED, MEMORY_OPTIONS, STEP_CACHE, TEXT_EMBEDS, VIDEO_EMBEDS, VideoSize
 
 __all__ = ["WanCoreSampler"]
 
@@ -58,6 +59,15 @@ class WanCoreSampler:
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Video-to-video: the input video's latent (WanCore Encode or "
                                                  "Load Latent); its size must match video_embeds."}),
+                "memory": (MEMORY_OPTIONS, {
+                    "tooltip": "WanCore Memory Options: VRAM budget and block swap. Not connected: the options "
+                               "given to the loader, else auto (plan from the free VRAM; in place on the CPU)."}),
+                "loras": (LORAS, {"tooltip": "WanCore LoRA Loader: LoRAs applied unmerged while sampling "
+                                             "(exact; removed afterwards)."}),
+                "step_cache": (STEP_CACHE, {"tooltip": "WanCore Step Cache: skip the blocks on steps that change "
+                                                       "little (faster, approximate)."}),
+                "compile": (COMPILE, {"tooltip": "WanCore Compile Options: torch.compile the transformer blocks. "
+                                                 "Not connected: plain PyTorch (the default)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -74,7 +84,8 @@ class WanCoreSampler:
         return True
 
     def sample(self, model, text_embeds, video_embeds, seed: int, steps: int, cfg: float, shift: float,
-               sampler: str, denoise: float, latent=None, unique_id=None):
+               sampler: str, denoise: float, latent=None, memory=None, loras=None, step_cache=None,
+               compile=None, unique_id=None):
         from ..wan_core import ImageEmbeds, SamplerSettings, latent_shape, sample
         from ..wan_core.vae import denormalize_latents, normalize_latents
 
@@ -112,8 +123,8 @@ class WanCoreSampler:
 
         settings = SamplerSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, seed=seed, denoise=denoise)
         progress = host.Progress(steps, unique_id, preview=True)
-        with host.on_device(model):
+        with prepared_dit(model, shape, memory, tuple(loras or ()), step_cache, compile) as runner:
             out = sample(model, text_embeds, settings, shape=shape, image=image, init_latents=init,
                          callback=lambda info: progress.update(info.step, info.total, info.x0),
-                         interrupt=host.check_interrupt)
+                         interrupt=host.check_interrupt, runner=runner)
         return ({"samples": denormalize_latents(out[None])},)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import host
-from .types import VAE
+from .types import MEMORY_OPTIONS, VAE
 
 __all__ = ["WanCoreDecode", "WanCoreEncode"]
 
@@ -49,16 +49,20 @@ class WanCoreDecode:
         return {"required": {"vae": (VAE, {"tooltip": "From WanCore Load VAE."}),
                              "latent": ("LATENT", {"tooltip": "Wan 2.1 latents [B, 16, T', H/8, W/8]."}),
                              **tiling_inputs()},
+                "optional": {"memory": (MEMORY_OPTIONS, {
+                    "tooltip": "WanCore Memory Options: with tiling 'auto', its vae_tile and VRAM budget decide "
+                               "the tiles. Not connected: tiles only when a frame does not fit the free memory."})},
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def decode(self, vae, latent, tiling: str, tile_size: int, tile_overlap: int, unique_id=None):
+    def decode(self, vae, latent, tiling: str, tile_size: int, tile_overlap: int, memory=None, unique_id=None):
         from ..wan_core.vae_tiling import decode_tiled
+        from .plans import vae_tiling
 
         z = latent["samples"]
         if z.ndim != 5 or z.shape[1] != 16:
             raise ValueError(f"WanCore Decode needs Wan 2.1 video latents [B, 16, T', h, w]; got shape "
                              f"{tuple(z.shape)} (an image model's latent?).")
-        tile, options = _tile(tiling, tile_size, tile_overlap)
+        tile, options = vae_tiling(*_tile(tiling, tile_size, tile_overlap), vae, memory)
         progress = host.Progress(z.shape[2], unique_id)
         with host.on_device(vae):
             video = decode_tiled(vae, z, normalized=False, tile=tile, output_device="cpu",

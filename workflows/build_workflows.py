@@ -167,21 +167,27 @@ def _loaders(g: Graph, model: str, clip: bool = False, weight_dtype: str = "auto
     return dit, te, vae, cv
 
 
-def _text(g: Graph, te: int, prompt: str, model_type: str) -> int:
+def _text(g: Graph, te: int, prompt: str, model_type: str, memory: int | None = None) -> int:
+    inputs = {"text_encoder": (te, 0)}
+    if memory is not None:
+        inputs["memory"] = (memory, 0)
     return g.add("WanCoreTextEncode", (360, 0), {"positive": prompt, "negative": NEG, "model_type": model_type},
-                 {"text_encoder": (te, 0)}, size=(400, 260))
+                 inputs, size=(400, 260))
 
 
 def _sample_and_save(g: Graph, dit: int, text: int, embeds: int, vae: int, *, steps: int, shift: float,
                      seed: int = 42, denoise: float = 1.0, latent: int | None = None, prefix: str,
-                     image: bool = False) -> None:
+                     image: bool = False, memory: int | None = None) -> None:
     inputs = {"model": (dit, 0), "text_embeds": (text, 0), "video_embeds": (embeds, 0)}
     if latent is not None:
         inputs["latent"] = (latent, 0)
+    decode_inputs = {"vae": (vae, 0)}
+    if memory is not None:
+        inputs["memory"] = decode_inputs["memory"] = (memory, 0)
     s = g.add("WanCoreSampler", (800, 0), {"seed": seed, "steps": steps, "cfg": 5.0, "shift": shift,
                                            "sampler": "unipc", "denoise": denoise}, inputs, size=(320, 260))
     d = g.add("WanCoreDecode", (1160, 0), {"tiling": "auto", "tile_size": 512, "tile_overlap": 64},
-              {"vae": (vae, 0), "latent": (s, 0)})
+              dict(decode_inputs, latent=(s, 0)))
     if image:
         g.add("SaveImage", (1520, 0), {"filename_prefix": prefix}, {"images": (d, 0)}, size=(400, 400))
         return
@@ -190,13 +196,22 @@ def _sample_and_save(g: Graph, dit: int, text: int, embeds: int, vae: int, *, st
           size=(400, 400))
 
 
-def t2v(specs, model: str, name: str, note: str) -> Graph:
+def t2v(specs, model: str, name: str, note: str, weight_dtype: str = "auto",
+        vram_budget_gb: float | None = None) -> Graph:
+    """Text-to-video; ``vram_budget_gb``: add WanCore Memory Options with that budget, feeding
+    the sampler, text encode and decode."""
     g = Graph(specs)
     _note(g, note + "\n\n" + _files(model))
-    dit, te, vae, _ = _loaders(g, model)
-    text = _text(g, te, "A white cat walks slowly across a sunlit garden, realistic style, soft light.", "t2v")
+    dit, te, vae, _ = _loaders(g, model, weight_dtype=weight_dtype)
+    memory = None
+    if vram_budget_gb is not None:
+        memory = g.add("WanCoreMemoryOptions", (0, 640), {"vram_budget_gb": vram_budget_gb, "resident_blocks": -1,
+                                                          "text_encoder_on_cpu": "auto", "vae_tile": "auto",
+                                                          "vae_tile_size": 512}, size=(320, 200))
+    text = _text(g, te, "A white cat walks slowly across a sunlit garden, realistic style, soft light.", "t2v",
+                 memory)
     size = g.add("WanCoreEmptyVideoEmbeds", (360, 300), {"width": 832, "height": 480, "frames": 81})
-    _sample_and_save(g, dit, text, size, vae, steps=50, shift=5.0, prefix=f"WanCore/{name}")
+    _sample_and_save(g, dit, text, size, vae, steps=50, shift=5.0, prefix=f"WanCore/{name}", memory=memory)
     return g
 
 
@@ -256,10 +271,13 @@ def graphs(specs) -> dict[str, Graph]:
                             "Needs about 8 GB of VRAM."),
         "wan_t2v_14B_fp8_8GB": t2v(specs, "wan2.1_t2v_14B_fp8_e4m3fn.safetensors", "t2v_14B",
                                    "Text-to-video with Wan 2.1 T2V 14B from its fp8 file (14 GB download), 832x480, "
-                                   "81 frames. Models rest in system RAM between nodes (32 GB RAM or more). "
-                                   "8 GB GPUs need the loader's memory options (fp8 storage, block swap), which "
-                                   "are appended to WanCore Load Diffusion Model when they land; until then the "
-                                   "model is held in bf16 on the GPU while it samples."),
+                                   "81 frames, on an 8 GB GPU. The weights stay fp8 (weight_dtype 'keep (file)', "
+                                   "computed in bf16) and rest in system RAM (24 GB RAM or more); WanCore Memory "
+                                   "Options plans for an 8 GiB budget: the DiT blocks that do not fit are streamed "
+                                   "to the GPU one block ahead, umT5 runs on the CPU if it does not fit, and the "
+                                   "VAE decodes in tiles if needed. The plan is logged in the console. Set "
+                                   "vram_budget_gb to 0 to use whatever VRAM is free.",
+                                   weight_dtype="keep (file)", vram_budget_gb=8.0),
         "wan_i2v_480p": i2v(specs, "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors", "i2v_480p", 832, 480, 3.0,
                             "Image-to-video with Wan 2.1 I2V 14B 480p, 832x480, 81 frames (official: 40 "
                             "steps, shift 3)."),

@@ -67,6 +67,17 @@ def _write_models(base: Path) -> None:
         model = WanDiT(flf)
     save_file({"model.diffusion_model." + k: v for k, v in _randomize(model, 5).items()},
               str(models / "diffusion_models" / "wan_tiny_flf2v.safetensors"))
+    # a rank-2 LoRA on two Linears of the tiny T2V model (official names, diffusion_model. prefix)
+    with torch.device("meta"):
+        t2v = WanDiT(SELFTEST_CONFIGS["t2v"])
+    g = torch.Generator().manual_seed(6)
+    lora = {}
+    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.0"):
+        out_f, in_f = t2v.get_submodule(name).weight.shape
+        lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(2, in_f, generator=g)
+        lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_f, 2, generator=g) * 0.5
+    (models / "loras").mkdir(parents=True, exist_ok=True)
+    save_file(lora, str(models / "loras" / "wan_tiny_lora.safetensors"))
 
 
 def _write_inputs(base: Path) -> None:
@@ -233,7 +244,8 @@ def test_object_info_lists_every_node_with_the_workflows_widgets(server):
     ours = {k for k in info if k.startswith("WanCore")}
     assert ours == {"WanCoreLoadDiT", "WanCoreLoadVAE", "WanCoreLoadTextEncoder", "WanCoreLoadCLIPVision",
                     "WanCoreTextEncode", "WanCoreEmptyVideoEmbeds", "WanCoreImageToVideoEncode", "WanCoreSampler",
-                    "WanCoreDecode", "WanCoreEncode"}
+                    "WanCoreDecode", "WanCoreEncode", "WanCoreMemoryOptions", "WanCoreLoraLoader",
+                    "WanCoreStepCache", "WanCoreCompileOptions"}
     assert "wan_tiny_t2v.safetensors" in info["WanCoreLoadDiT"]["input"]["required"]["model_name"][0]
     for path in sorted((ROOT / "workflows").glob("*.json")):
         for node in json.loads(path.read_text())["nodes"]:
@@ -350,6 +362,36 @@ def test_sampler_latents_round_trip_through_core_save_latent_and_load_latent(ser
     assert torch.equal(a, b)
 
 
+def test_memory_lora_step_cache_and_compile_options_run_through_the_server(server):
+    prompt = tiny("wan_t2v_1.3B", steps=6, seed=4321)
+    sampler, save = _node(prompt, "WanCoreSampler"), _node(prompt, "SaveVideo")
+    prompt[save]["inputs"]["filename_prefix"] = "plain_options"
+    plain, _ = server.run(prompt)
+    prompt["200"] = {"class_type": "WanCoreLoraLoader",
+                     "inputs": {"lora_name": "wan_tiny_lora.safetensors", "strength": 0.7}}
+    prompt["201"] = {"class_type": "WanCoreStepCache",
+                     "inputs": {"method": "teacache", "threshold": 0.0, "start_step": -1, "end_step": -1,
+                                "mode": "e", "magcache_k": 2, "retention_ratio": 0.2}}
+    prompt["202"] = {"class_type": "WanCoreMemoryOptions",
+                     "inputs": {"vram_budget_gb": 8.0, "resident_blocks": 1, "text_encoder_on_cpu": "auto",
+                                "vae_tile": "auto", "vae_tile_size": 512}}
+    prompt["203"] = {"class_type": "WanCoreCompileOptions",
+                     "inputs": {"backend": "eager", "mode": "default", "dynamic": "auto"}}
+    prompt[sampler]["inputs"].update(loras=["200", 0], step_cache=["201", 0], memory=["202", 0], compile=["203", 0])
+    prompt[save]["inputs"]["filename_prefix"] = "with_options"
+    history, events = server.run(prompt)
+    errors = [e for e in events if e["type"] == "execution_error"]
+    assert not errors, errors[0]["data"].get("exception_message")
+    a = _frames(server, plain["outputs"][save]["images"][0])
+    b = _frames(server, history["outputs"][save]["images"][0])
+    assert a.shape == b.shape and not torch.equal(a, b)   # the LoRA changed the video
+    del prompt["200"], prompt[sampler]["inputs"]["loras"]
+    prompt[save]["inputs"]["filename_prefix"] = "no_lora_options"
+    again, _ = server.run(prompt)
+    # step cache at threshold 0, block swap and a traced compile: the plain video, bit for bit
+    assert torch.equal(_frames(server, again["outputs"][save]["images"][0]), a)
+
+
 def test_sampling_sends_latent_previews_when_the_server_has_a_preview_method(server):
     before = server.previews
     history, _ = server.run(tiny("wan_t2v_1.3B", steps=3, seed=99))
@@ -441,7 +483,9 @@ def _load_in_editor(browser: Browser, workflow: dict) -> dict:
     return json.loads(browser.eval(_LOAD_JS + f"({json.dumps(json.dumps(workflow))})"))
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "workflows").glob("*.json")), ids=lambda p: p.stem)
+# ... and a workflow saved by the first release (before the memory / LoRA / step-cache inputs)
+@pytest.mark.parametrize("path", sorted((ROOT / "workflows").glob("*.json"))
+                         + [ROOT / "tests" / "data" / "saved_workflow_first_release.json"], ids=lambda p: p.stem)
 def test_each_ui_workflow_loads_in_the_frontend_without_missing_nodes_or_widget_changes(browser, path):
     workflow = json.loads(path.read_text())
     loaded = _load_in_editor(browser, workflow)

@@ -8,6 +8,7 @@ WANCORE_UPDATE_SNAPSHOT=1 to write it after an allowed change).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 import sys
@@ -211,3 +212,22 @@ def test_snapshot_rule_allows_appending_optional_inputs_only():
     reordered = {"N": {"inputs": list(reversed(grown["N"]["inputs"])), "return_types": ["LATENT"]}}
     assert _compatible(grown, reordered)
     assert _compatible(base, {})
+
+
+def test_memory_lora_and_step_cache_reach_existing_nodes_as_optional_sockets_only(pack, folder_paths):
+    """Saved workflows keep their widget values: the options arrive as WANCORE_* sockets, and
+    the DiT loader's new fp8 storage choices are appended after the original options."""
+    nodes = pack.NODE_CLASS_MAPPINGS
+    expected = {"WanCoreLoadDiT": ["memory", "loras"], "WanCoreSampler": ["latent", "memory", "loras", "step_cache", "compile"],
+                "WanCoreTextEncode": ["memory"], "WanCoreDecode": ["memory"]}
+    for node_id, names in expected.items():
+        optional = nodes[node_id].INPUT_TYPES()["optional"]
+        assert list(optional) == names, node_id
+        assert all(optional[n][0] == "LATENT" or optional[n][0].startswith("WANCORE_") for n in names), node_id
+    options = nodes["WanCoreLoadDiT"].INPUT_TYPES()["required"]["weight_dtype"][0]
+    assert options == ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "keep (file)"]
+    memory = nodes["WanCoreMemoryOptions"]().options(8.0, -1, "auto", "auto", 512)[0]
+    assert memory.budget_bytes == 8 << 30 and nodes["WanCoreMemoryOptions"]().options(0, -1, "no", "off", 64)[0] \
+        .budget_bytes is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        memory.vram_budget_gb = 1.0  # frozen: ComfyUI may share one output between nodes

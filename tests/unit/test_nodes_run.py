@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import logging
 import sys
 import types
 
@@ -205,3 +206,173 @@ def test_progress_ticks_every_step_and_an_interrupt_stops_sampling_without_harm(
     checks.update(stop_at=None)
     again = n.WanCoreSampler().sample(models.t2v, text, size, unique_id="9", **settings)[0]["samples"]
     assert torch.equal(first, again)
+
+
+# ------------------------------------------------------------------ memory, LoRA and step cache options
+
+def _plain(pack, models, text, size, **settings):
+    return pack.nodes.WanCoreSampler().sample(models.t2v, text, size, **settings)[0]["samples"]
+
+
+def test_memory_options_on_the_cpu_give_the_plain_result_bit_for_bit(pack, models):
+    n = pack.nodes
+    text = n.WanCoreTextEncode().encode(models.te, "a cat", "", "t2v")[0]
+    size = n.WanCoreEmptyVideoEmbeds().embeds(W, H, F)[0]
+    plain = _plain(pack, models, text, size, **SETTINGS)
+    blocks = len(models.t2v.blocks)
+    for budget, k in ((0.0, -1), (8.0, -1), (0.0, 0), (0.0, 1), (0.0, blocks + 3)):
+        memory = n.WanCoreMemoryOptions().options(budget, k, "auto", "auto", 512)[0]
+        out = n.WanCoreSampler().sample(models.t2v, text, size, memory=memory, **SETTINGS)[0]["samples"]
+        assert torch.equal(out, plain), (budget, k)
+    # the loader's options are the default of its samplers; the swap left every weight on its master
+    assert all(p.device.type == "cpu" for p in models.t2v.parameters())
+
+
+def test_memory_plan_on_a_gpu_chooses_block_swap_from_the_budget(pack, models):
+    from wancore_pack.nodes.plans import plan_dit
+
+    n, dit = pack.nodes, models.t2v
+    options = n.WanCoreMemoryOptions()
+    blocks = len(dit.blocks)
+    cuda, cpu, shape = torch.device("cuda", 0), torch.device("cpu"), (16, 21, 60, 104)
+    auto = options.options(0.0, -1, "auto", "auto", 512)[0]
+    swap, line = plan_dit(dit, shape, auto, cuda, cpu, free_bytes=24 << 30)
+    assert swap.resident_blocks == blocks and line.startswith("wan_core memory plan: budget 24.00 GiB")
+    swap, line = plan_dit(dit, shape, options.options(8.0, -1, "auto", "auto", 512)[0], cuda, cpu, 1 << 40)
+    assert "budget 8.00 GiB" in line   # the user's budget wins over the free VRAM
+    swap, line = plan_dit(dit, shape, options.options(0.0, 1, "auto", "auto", 512)[0], cuda, cpu, 1 << 40)
+    assert swap.resident_blocks == 1 and "explicit" in line
+    with pytest.raises(pack.wan_core.PlanError, match="minimum"):
+        plan_dit(dit, shape, options.options(0.25, -1, "auto", "auto", 512)[0], cuda, cpu, None)
+    swap, line = plan_dit(dit, shape, auto, cuda, cpu, free_bytes=256 << 20)   # free VRAM short: stream all
+    assert swap.resident_blocks == 0 and line is None
+    assert plan_dit(dit, shape, auto, cuda, cuda, 1 << 30) == (None, None)     # --highvram: in place
+    assert plan_dit(dit, shape, auto, cpu, cpu, None) == (None, None)          # --cpu: in place
+
+
+@pytest.fixture()
+def lora_file(model_dir, models):
+    """A random rank-2 LoRA on two Linears of the tiny T2V model, plus one key matching nothing."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.0"):
+        out_f, in_f = models.t2v.get_submodule(name).weight.shape
+        sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(2, in_f, generator=g)
+        sd[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_f, 2, generator=g) * 0.5
+    sd["diffusion_model.blocks.0.no_such_layer.lora_down.weight"] = torch.zeros(2, 4)
+    sd["diffusion_model.blocks.0.no_such_layer.lora_up.weight"] = torch.zeros(4, 2)
+    folder = model_dir["diffusion_models"].parent / "loras"
+    folder.mkdir(exist_ok=True)
+    save_file(sd, str(folder / "tiny_lora.safetensors"))
+    return folder
+
+
+def test_lora_node_applies_the_lora_unmerged_while_sampling_as_wan_core_does(pack, models, lora_file, monkeypatch,
+                                                                              caplog):
+    n, wc = pack.nodes, pack.wan_core
+    model_dir = {k: lora_file.parent / k for k in ("diffusion_models", "vae", "text_encoders", "clip_vision",
+                                                    "loras")}
+    monkeypatch.setitem(sys.modules, "folder_paths", nodepack.fake_folder_paths(model_dir))
+    assert n.WanCoreLoraLoader.INPUT_TYPES()["required"]["lora_name"][0] == ["tiny_lora.safetensors"]
+    first = n.WanCoreLoraLoader().load("tiny_lora.safetensors", 0.8)[0]
+    loras = n.WanCoreLoraLoader().load("tiny_lora.safetensors", -0.3, loras=first)[0]
+    assert [s.strength for s in loras] == [0.8, -0.3]
+    text = n.WanCoreTextEncode().encode(models.te, "a cat", "", "t2v")[0]
+    size = n.WanCoreEmptyVideoEmbeds().embeds(W, H, F)[0]
+    plain = _plain(pack, models, text, size, **SETTINGS)
+    before = {k: v.clone() for k, v in models.t2v.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="wan_core"):
+        out = n.WanCoreSampler().sample(models.t2v, text, size, loras=loras, **SETTINGS)[0]["samples"]
+    assert any("no_such_layer" in r.getMessage() for r in caplog.records), "unmatched keys must be named"
+    settings = wc.SamplerSettings(**SETTINGS)
+    with wc.applied_loras(models.t2v, list(loras)):
+        ref = wc.sample(models.t2v, text, settings, shape=wc.latent_shape(W, H, F))
+    assert torch.equal(out, wc.vae.denormalize_latents(ref[None]))
+    assert not torch.equal(out, plain)
+    # removed afterwards: weights and output exactly as before
+    assert all(torch.equal(v, before[k]) for k, v in models.t2v.state_dict().items())
+    assert torch.equal(_plain(pack, models, text, size, **SETTINGS), plain)
+    # with memory options (block swap on the CPU): the very same numbers
+    memory = n.WanCoreMemoryOptions().options(0.0, 1, "auto", "auto", 512)[0]
+    swapped = n.WanCoreSampler().sample(models.t2v, text, size, loras=loras, memory=memory, **SETTINGS)[0]
+    assert torch.equal(swapped["samples"], out)
+
+
+def test_loader_merges_loras_and_stores_fp8_weights(pack, models, lora_file, monkeypatch):
+    n = pack.nodes
+    model_dir = {k: lora_file.parent / k for k in ("diffusion_models", "loras")}
+    monkeypatch.setitem(sys.modules, "folder_paths", nodepack.fake_folder_paths(model_dir))
+    loras = n.WanCoreLoraLoader().load("tiny_lora.safetensors", 0.8)[0]
+    merged = n.WanCoreLoadDiT().load("wan_tiny_t2v.safetensors", "fp32", "sdpa", loras=loras)[0]
+    text = n.WanCoreTextEncode().encode(models.te, "a cat", "", "t2v")[0]
+    size = n.WanCoreEmptyVideoEmbeds().embeds(W, H, F)[0]
+    unmerged = n.WanCoreSampler().sample(models.t2v, text, size, loras=loras, **SETTINGS)[0]["samples"]
+    out = n.WanCoreSampler().sample(merged, text, size, **SETTINGS)[0]["samples"]
+    torch.testing.assert_close(out, unmerged, rtol=0, atol=1e-4)   # float32 rounding only (W+sBA vs Wx+sBAx)
+    fp8 = n.WanCoreLoadDiT().load("wan_tiny_t2v.safetensors", "fp8_e4m3fn", "sdpa")[0]
+    assert fp8.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    out8 = n.WanCoreSampler().sample(fp8, text, size, **SETTINGS)[0]["samples"]
+    assert out8.shape == out.shape and torch.isfinite(out8).all()
+
+
+def _summary(caplog) -> str:
+    lines = [r.getMessage() for r in caplog.records if "DiT block evaluations saved" in r.getMessage()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("method", ["teacache", "magcache"])
+def test_step_cache_threshold_zero_is_plain_and_a_high_threshold_reports_reused_steps(pack, models, method, caplog):
+    n = pack.nodes
+    text = n.WanCoreTextEncode().encode(models.te, "a cat", "", "t2v")[0]
+    size = n.WanCoreEmptyVideoEmbeds().embeds(W, H, F)[0]
+    settings = dict(SETTINGS, steps=6)
+    plain = _plain(pack, models, text, size, **settings)
+    node = n.WanCoreStepCache()
+    off = node.options(method, 0.0, -1, -1, "e", 2, 0.2)[0]
+    with caplog.at_level(logging.INFO, logger="wan_core"):
+        same = n.WanCoreSampler().sample(models.t2v, text, size, step_cache=off, **settings)[0]["samples"]
+    assert torch.equal(same, plain)
+    assert "cond 6/6 computed, 0 reused" in _summary(caplog)
+    caplog.clear()
+    high = node.options(method, 1e6, 1, -1, "e", 4, 0.0)[0]
+    with caplog.at_level(logging.INFO, logger="wan_core"):
+        fast = n.WanCoreSampler().sample(models.t2v, text, size, step_cache=high, **settings)[0]["samples"]
+    line = _summary(caplog)
+    assert "cond 2/6 computed, 4 reused" in line and "uncond 2/6 computed, 4 reused" in line, line
+    assert not torch.equal(fast, plain)
+
+
+def test_a_requeued_prompt_runs_no_text_encoder(pack, models, monkeypatch):
+    n = pack.nodes
+    calls = []
+    real = models.te.encode
+    monkeypatch.setattr(models.te, "encode", lambda prompts: calls.append(list(prompts)) or real(prompts))
+    first = n.WanCoreTextEncode().encode(models.te, "a requeued prompt", "blurry, dark", "t2v")[0]
+    again = n.WanCoreTextEncode().encode(models.te, "a requeued prompt", "blurry, dark", "t2v")[0]
+    assert calls == [["a requeued prompt", "blurry, dark"]]
+    assert torch.equal(first.positive, again.positive) and torch.equal(first.negative, again.negative)
+    memory = n.WanCoreMemoryOptions().options(0.0, -1, "yes", "auto", 512)[0]
+    on_cpu = n.WanCoreTextEncode().encode(models.te, "another prompt", "blurry, dark", "t2v", memory=memory)[0]
+    assert calls[-1] == ["another prompt"] and on_cpu.positive.device.type == "cpu"
+
+
+def test_compile_options_trace_the_blocks_with_the_same_numbers_and_disconnecting_restores(pack, models):
+    n = pack.nodes
+    text = n.WanCoreTextEncode().encode(models.te, "a cat", "", "t2v")[0]
+    size = n.WanCoreEmptyVideoEmbeds().embeds(W, H, F)[0]
+    plain = _plain(pack, models, text, size, **SETTINGS)
+    options = n.WanCoreCompileOptions().options("eager", "default", "auto")[0]   # dynamo trace, no codegen
+    torch._dynamo.reset()
+    try:
+        out = n.WanCoreSampler().sample(models.t2v, text, size, compile=options, **SETTINGS)[0]["samples"]
+        assert models.t2v.wancore_compiled is not None and not models.t2v.wancore_compiled.fell_back
+        assert "forward" in models.t2v.blocks[0].__dict__
+        assert torch.equal(out, plain)
+        again = n.WanCoreSampler().sample(models.t2v, text, size, **SETTINGS)[0]["samples"]
+        assert models.t2v.wancore_compiled is None and "forward" not in models.t2v.blocks[0].__dict__
+        assert torch.equal(again, plain)
+    finally:
+        torch._dynamo.reset()

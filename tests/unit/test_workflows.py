@@ -157,7 +157,7 @@ def test_links_connect_matching_types_and_agree_with_the_nodes(path, specs):
     for n in wf["nodes"]:
         required = [name for name, kind, widget, opts in specs[n["type"]][0] if not widget]
         linked = {s["name"] for s in n["inputs"] if s["link"] is not None}
-        optional = {"audio", "end_image", "latent"}
+        optional = {"audio", "end_image", "latent", "memory", "loras", "step_cache", "compile"}
         assert set(required) - optional <= linked, (path.stem, n["type"], set(required) - linked)
 
 
@@ -217,3 +217,22 @@ def test_core_node_ids_exist_in_the_comfyui_checkout():
     text = (src / "nodes.py").read_text() + "".join(p.read_text() for p in (src / "comfy_extras").glob("*.py"))
     for node_id in set(CORE) - FRONTEND_ONLY:
         assert re.search(rf'node_id="{node_id}"|"{node_id}":\s*\w+', text), node_id
+
+
+def test_a_workflow_saved_by_the_first_release_still_matches_every_node(specs):
+    """tests/data/saved_workflow_first_release.json is wan_i2v_480p as first shipped (before the
+    memory / LoRA / step-cache inputs): its widget values must still line up with each node's
+    widgets (new inputs are sockets, or optional widgets after all old ones) and its sockets
+    must still exist with the same types."""
+    wf = _load(ROOT / "tests" / "data" / "saved_workflow_first_release.json")
+    for n in wf["nodes"]:
+        expected = _expected_widgets(specs[n["type"]][0])
+        values = n.get("widgets_values", [])
+        where = f"first-release node {n['id']} {n['type']}"
+        assert len(values) <= len(expected), where
+        assert all(not isinstance(kind, str) or kind in WIDGETS or kind is ANY
+                   for _name, kind, _opts, _c in expected[len(values):]), where
+        for (name, kind, opts, _is_control), value in zip(expected, values):
+            _check_value(f"{where}.{name}", kind, opts, value)
+        sockets = {(name, k) for name, k, widget, _ in specs[n["type"]][0] if not widget}
+        assert {(s["name"], s["type"]) for s in n["inputs"]} <= sockets, where
