@@ -15,7 +15,31 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Two cores on CI: keep torch from oversubscribing them.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread beats a two-thread pool (by 10x on a busy machine).
+    Use per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    """The tiny Wan VAE (tests/tiny.py) with the factory's weights for seed 7, built on meta."""
+    import factory
+    from tiny import TINY_VAE
+    from wan_core.vae import WanVAE
+
+    with torch.device("meta"):
+        model = WanVAE(TINY_VAE)
+    model.load_state_dict(factory.vae_official(TINY_VAE, 7), strict=True, assign=True)
+    return model.eval()

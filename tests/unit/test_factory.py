@@ -19,13 +19,7 @@ import factory
 import tiny
 from wan_core.configs import KNOWN_DIT, CLIPVisionConfig, DiTConfig, T5Config, VAEConfig
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors only: a two-thread pool costs more than the work on a busy CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 DIT_VARIANTS = {"t2v": tiny.TINY_DIT_T2V, "i2v": tiny.TINY_DIT_I2V, "flf2v": tiny.TINY_DIT_FLF2V}

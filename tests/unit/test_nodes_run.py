@@ -18,13 +18,7 @@ W, H, F, STEPS = 32, 32, 5, 2
 SETTINGS = dict(seed=7, steps=STEPS, cfg=5.0, shift=5.0, sampler="unipc", denoise=1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than a busy pool."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ SETTINGS = SamplerSettings(steps=STEPS, cfg=5.0, shift=5.0, seed=3)
 HUGE = 1e9                                # a threshold no accumulated distance reaches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is 10x faster than a 2-thread pool on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

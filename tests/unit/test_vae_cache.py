@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import factory
 from tiny import TINY_VAE
 from wan_core.configs import VAEConfig
 from wan_core.vae import (CausalConv3d, FeatureCache, Resample, WanVAE, denormalize_latents,
@@ -31,11 +30,8 @@ SMALL = (24, 16)        # everything else: latent 3 x 2 keeps each file fast on 
 
 
 @pytest.fixture(scope="module")
-def vae() -> WanVAE:
-    with torch.device("meta"):
-        model = WanVAE(TINY_VAE)
-    model.load_state_dict(factory.vae_official(TINY_VAE, 7), strict=True, assign=True)
-    return model.eval()
+def vae(tiny_vae) -> WanVAE:
+    return tiny_vae
 
 
 def _video(frames: int, seed: int = 0, batch: int = 1, size: tuple[int, int] = SMALL) -> torch.Tensor:

@@ -18,10 +18,8 @@ from __future__ import annotations
 import logging
 from itertools import pairwise
 
-import factory
 import pytest
 import torch
-from tiny import TINY_VAE
 
 from wan_core.configs import VAEConfig
 from wan_core.vae import WanVAE
@@ -41,11 +39,8 @@ TILE, OVERLAP = (3, 4), 1
 
 
 @pytest.fixture(scope="module")
-def vae() -> WanVAE:
-    with torch.device("meta"):
-        model = WanVAE(TINY_VAE)
-    model.load_state_dict(factory.vae_official(TINY_VAE, 7), strict=True, assign=True)
-    return model.eval()
+def vae(tiny_vae) -> WanVAE:
+    return tiny_vae
 
 
 @pytest.fixture(scope="module")
