@@ -15,7 +15,7 @@ from .types import CLIP_VISION, DIT, LORAS, MEMORY_OPTIONS, TEXT_ENCODER, VAE
 __all__ = ["WanCoreLoadDiT", "WanCoreLoadVAE", "WanCoreLoadTextEncoder", "WanCoreLoadCLIPVision"]
 
 _DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_DTYPE_TIP = ("Storage dtype of the weights. auto: as in the file (fp8 files become bf16); bf16 halves "
+_DTYPE_TIP = ("Storage dtype of the weights. auto: as in the file (fp8 files stay fp8, upcast per layer); bf16 halves "
               "fp32's memory; fp32 is the slowest and most exact.")
 # DiT only, appended after the original options (saved workflows keep their values): fp8
 # storage of the Linear weights, upcast per layer (exact for the stored values).

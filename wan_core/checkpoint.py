@@ -151,11 +151,13 @@ def load_module(path: str | os.PathLike, kind: str, build, dtype: torch.dtype | 
 
     ``kind``: the expected kind ("dit", "vae", "t5", "clip_vision"); another kind raises a
     :class:`CheckpointError` that says which loader the file belongs to.
-    ``dtype``: storage dtype of floating tensors (None keeps the file's, fp8 -> bf16);
+    ``dtype``: storage dtype of floating tensors (None keeps the file's: fp8 Linear weights
+    stay fp8, other fp8 tensors become bf16);
     names for which ``keep_fp32(name)`` is true are stored float32 whatever ``dtype`` is
     (each network's precision policy).
     ``weight_dtype``: fp8 storage of the Linear weights outside the float32 policy (see
-    :mod:`wan_core.fp8`): None (default) = no fp8, everything follows ``dtype``; "keep" =
+    :mod:`wan_core.fp8`): None (default) = "keep" when ``dtype`` is None, else no fp8 and
+    everything follows ``dtype``; "keep" =
     weights that are fp8 in the file stay fp8 (scaled ones with their ``scale_weight``);
     "fp8_e4m3fn" / "fp8_e5m2" = every such weight is stored in that format (kept as is
     when the file already has it, otherwise quantised per tensor to scaled fp8).
@@ -163,6 +165,8 @@ def load_module(path: str | os.PathLike, kind: str, build, dtype: torch.dtype | 
     """
     path = Path(path)
     mode = fp8.parse_weight_dtype(weight_dtype)
+    if weight_dtype is None and dtype is None:
+        mode = "keep"   # "as in the file": an fp8 file stays fp8 (a 14B fp8 DiT is 14 GB, not 28)
     device = torch.device(device)
     with open_checkpoint(path) as tf:
         det = detect(tf)

@@ -25,12 +25,12 @@ def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.dev
              compute_dtype: torch.dtype | None = None, weight_dtype: str | torch.dtype | None = None):
     """Wan 2.1 DiT (T2V, I2V or FLF2V, decided by the tensors) -> :class:`wan_core.dit.WanDiT`.
 
-    ``dtype``: storage dtype of the Linear weights (None keeps the file's; fp8 files are
-    dequantised to bf16). Norms, modulation, time MLPs, patch embedding and head are
+    ``dtype``: storage dtype of the Linear weights (None keeps the file's, fp8 included: an
+    fp8 file stays fp8 and is upcast per call; give bf16 to dequantise it). Norms, modulation, time MLPs, patch embedding and head are
     always float32 (:data:`wan_core.dit.FP32_PARAMS`). ``compute_dtype``: dtype the Linears
     run in (None: their storage dtype; bf16 on CUDA and float32 on CPU for fp8).
     ``weight_dtype``: fp8 storage of the attention / FFN / text / image-MLP Linear weights:
-    None (default: no fp8), "keep" (fp8 weights of the file stay fp8, scaled ones with their
+    None (default: "keep" when ``dtype`` is None, else no fp8), "keep" (fp8 weights of the file stay fp8, scaled ones with their
     scales), "fp8_e4m3fn" or "fp8_e5m2" (bf16/fp16/fp32 weights are quantised at load time
     to scaled fp8, absmax/fp8-max per tensor). Biases and the float32-policy parameters
     follow ``dtype`` as above. See :mod:`wan_core.fp8`.

@@ -106,15 +106,19 @@ def test_load_dit_streams_every_layout(tmp_path: Path, layout: str, caplog) -> N
     assert model.checkpoint_report.layout == EXPECTED_LAYOUT[layout]
 
 
-def test_fp8_dit_defaults_to_bf16_storage_with_fp32_policy(tmp_path: Path) -> None:
+def test_fp8_dit_stays_fp8_by_default_and_bf16_on_request(tmp_path: Path) -> None:
     path = _write(tmp_path, "dit", "scaled_fp8", "t2v")
-    model = load_dit(path)
-    expected = _expected("dit", "scaled_fp8", "t2v")
-    q = model.blocks[1].self_attn.q.weight
-    assert q.dtype == torch.bfloat16
-    assert torch.equal(q, expected["blocks.1.self_attn.q.weight"].to(torch.bfloat16))
+    expected = _expected("dit", "scaled_fp8", "t2v")["blocks.1.self_attn.q.weight"]
+    model = load_dit(path)                        # "as in the file": no 2x RAM for a 14B fp8 file
+    layer = model.blocks[1].self_attn.q
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(layer.weight.float() * layer.scale_weight, expected)
     assert model.blocks[1].modulation.dtype == torch.float32
     assert "scaled_fp8_e4m3fn" in model.checkpoint_report.line()
+    model = load_dit(path, dtype=torch.bfloat16)  # dequantised on request
+    q = model.blocks[1].self_attn.q.weight
+    assert q.dtype == torch.bfloat16 and torch.equal(q, expected.to(torch.bfloat16))
+    assert model.blocks[1].modulation.dtype == torch.float32
 
 
 def test_load_vae_text_encoder_and_clip(tmp_path: Path) -> None:

@@ -206,9 +206,11 @@ def test_fp8_matmul_is_refused_off_cuda_and_on_old_gpus(files, monkeypatch) -> N
     assert fp8.fp8_matmul_supported("cuda:0")[0]
 
 
-def test_weight_dtype_none_keeps_the_old_behaviour(files) -> None:
-    a = load_dit(files["scaled_fp8"])
-    assert not _fp8_linears(a) and a.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+def test_weight_dtype_none_follows_dtype(files) -> None:
+    a = load_dit(files["scaled_fp8"])                        # dtype None: as in the file, fp8 kept
+    assert _fp8_linears(a) and a.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    b = load_dit(files["scaled_fp8"], dtype=torch.bfloat16)  # an explicit dtype dequantises
+    assert not _fp8_linears(b) and b.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="weight_dtype"):
         load_dit(files["scaled_fp8"], weight_dtype="int4")
 
