@@ -336,7 +336,13 @@ class WanDiT(nn.Module):
         return torch.bfloat16 if w.device.type == "cuda" else torch.float32
 
     def cast_storage(self, dtype: torch.dtype) -> WanDiT:
-        """Store parameters in ``dtype`` except those of ``FP32_PARAMS`` (kept float32)."""
+        """Store parameters in ``dtype`` except those of ``FP32_PARAMS`` (kept float32).
+
+        Refuses an fp8-stored model: casting its weights without their ``scale_weight`` would
+        change the model (reload with the wanted ``dtype`` instead)."""
+        if any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in self.parameters()):
+            raise ValueError("cast_storage: this DiT stores fp8 weights; reload it with load_dit(path, dtype=...) "
+                             "to change the storage dtype.")
         for name, p in self.named_parameters():
             p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
         return self

@@ -39,18 +39,13 @@ from dataclasses import dataclass
 
 __all__ = ["GiB", "DiTSizes", "MemoryPlan", "PlanError", "dit_sizes", "dit_sizes_from_module", "tokens_for",
            "dit_activation_bytes", "vae_decode_bytes", "plan_memory", "free_vram_bytes", "module_param_bytes",
-           "DEFAULT_RESERVE", "VAE_BYTES_PER_LATENT_PIXEL", "VAE_TILES"]
+           "DEFAULT_RESERVE", "VAE_TILES"]
 
 GiB = 1 << 30
 MiB = 1 << 20
 # Kept free for the allocator's fragmentation, cuBLAS workspaces and kernels' scratch.
 DEFAULT_RESERVE = 512 * MiB
-# VAE decode working set per latent pixel of the area decoded at once (float32 decoder, one
-# latent frame -> 4 video frames per chunk thanks to the feature cache). Estimate from the
-# full-resolution stage: 96 channels x (4 + 2 cached) frames x 64 pixels x ~6 live float32
-# tensors ~ 0.6 MB, rounded down to 512 KiB since stages do not peak together. To be
-# replaced by the figure the VAE tiling bench measures.
-VAE_BYTES_PER_LATENT_PIXEL = 512 * 1024
+# VAE decode working set: wan_core.vae_tiling's measured per-latent-pixel figure (vae_decode_bytes).
 VAE_TILES: tuple[int, ...] = (128, 96, 64, 48, 32, 24, 16)   # candidate tile sides, latent px
 TEXT_ENCODER_WORKSPACE = 256 * MiB  # umT5 activations for 512 tokens, with margin
 _STORAGE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
@@ -170,8 +165,14 @@ def dit_activation_bytes(dit: DiTSizes, tokens: int, attention: str = "sdpa", co
 
 
 def vae_decode_bytes(vae_bytes: int, tile_hw: tuple[int, int]) -> int:
-    """Weights + decode working set for a ``(h, w)`` latent area decoded at once."""
-    return vae_bytes + VAE_BYTES_PER_LATENT_PIXEL * tile_hw[0] * tile_hw[1]
+    """Weights + decode working set for a ``(h, w)`` latent area decoded at once (the Wan
+    2.1 VAE in float32, its default; the per-pixel figure measured in :mod:`wan_core.vae_tiling`)."""
+    import torch
+
+    from .configs import VAEConfig
+    from .vae_tiling import decode_activation_bytes
+
+    return vae_bytes + decode_activation_bytes(VAEConfig(), tile_hw, torch.float32)
 
 
 @dataclass(frozen=True)

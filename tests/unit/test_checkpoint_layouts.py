@@ -115,6 +115,8 @@ def test_fp8_dit_stays_fp8_by_default_and_bf16_on_request(tmp_path: Path) -> Non
     assert torch.equal(layer.weight.float() * layer.scale_weight, expected)
     assert model.blocks[1].modulation.dtype == torch.float32
     assert "scaled_fp8_e4m3fn" in model.checkpoint_report.line()
+    with pytest.raises(ValueError, match="stores fp8 weights; reload it"):
+        model.cast_storage(torch.bfloat16)        # would drop the scales
     model = load_dit(path, dtype=torch.bfloat16)  # dequantised on request
     q = model.blocks[1].self_attn.q.weight
     assert q.dtype == torch.bfloat16 and torch.equal(q, expected.to(torch.bfloat16))
