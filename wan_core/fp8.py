@@ -1,6 +1,6 @@
 """fp8 weight storage: formats, per-tensor quantisation, exact dequantisation, fp8 matmul gate.
 
-Storage contract (docs/HELPERS.md): a :class:`~wan_core.layers.CastLinear` whose ``weight``
+Storage contract (docs/DEVELOPING.md): a :class:`~wan_core.layers.CastLinear` whose ``weight``
 is float8_e4m3fn / float8_e5m2 stores the real weight as
 
 - plain fp8 (Kijai / Comfy-Org ``*_fp8_e4m3fn``): ``weight.float()``;

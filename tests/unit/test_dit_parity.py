@@ -8,7 +8,7 @@ max abs error vs diffusers 1.2e-5 (t2v), 1.4e-5 (i2v), 1.3e-5 (flf2v), relative 
 odd sizes [1, 16, 1, 6, 10] / [1, 16, 2, 2, 6]: <= 9.3e-6.
 The whole residual is the timestep sinusoid: diffusers builds it in fp32, the official code
 (and we) in fp64; with diffusers' fp32 sinusoid swapped in, t2v matches bit for bit.
-A side-by-side run against the official /work/ref model (flash_attn stubbed with SDPA, not
+A side-by-side run against the official Wan 2.1 model (flash_attn stubbed with SDPA, not
 committed) gave <= 1.8e-6 max abs with float32 RoPE and exactly 0.0 with
 ``rope_dtype=float64`` (batch 1, all three model types and all latent sizes above).
 """

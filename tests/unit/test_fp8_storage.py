@@ -1,6 +1,6 @@
 """fp8 weight storage: exact dequantisation, exact per-call upcast, measured error vs bf16.
 
-Contract (docs/HELPERS.md): an fp8 CastLinear weight means ``weight.float()`` or, with a
+Contract (docs/DEVELOPING.md): an fp8 CastLinear weight means ``weight.float()`` or, with a
 ``scale_weight``, ``weight.float() * scale_weight``. Only Linear weights outside the float32
 policy are ever fp8; norms, biases, modulation, embeddings, patch embedding and head are not.
 """
