@@ -67,7 +67,7 @@ def _expect_kind(det: Detected, kind: str, path: Path) -> None:
                           f"Load this file with the {det.kind.replace('_', ' ')} loader instead.")
 
 
-def _read_recipe(tf: TensorFile, det: Detected, recipe: Recipe, scales: dict[str, str]) -> torch.Tensor:
+def _read_recipe(tf: TensorFile, recipe: Recipe, scales: dict[str, str]) -> torch.Tensor:
     parts = []
     for key in recipe.keys:
         t = tf.read(key)
@@ -122,7 +122,7 @@ def _fp8_eligible(model: nn.Module, keep_fp32: Callable[[str], bool] | None) -> 
     return {n for n in names if keep_fp32 is None or not keep_fp32(n)}
 
 
-def _read_fp8(tf: TensorFile, recipe: Recipe, scales: dict[str, str], det: Detected,
+def _read_fp8(tf: TensorFile, recipe: Recipe, scales: dict[str, str],
               mode: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """One eligible Linear weight in fp8 storage: (fp8 tensor, float32 0-d scale or None).
 
@@ -140,7 +140,7 @@ def _read_fp8(tf: TensorFile, recipe: Recipe, scales: dict[str, str], det: Detec
     if want is None and src not in _FP8:
         return None
     fmt = want if want is not None else src     # "keep" of an fp8 tensor built by a cat/transpose
-    return fp8.quantize(_read_recipe(tf, det, recipe, scales), fmt, scaled=True)
+    return fp8.quantize(_read_recipe(tf, recipe, scales), fmt, scaled=True)
 
 
 def load_module(path: str | os.PathLike, kind: str, build, dtype: torch.dtype | None = None,
@@ -191,7 +191,7 @@ def load_module(path: str | os.PathLike, kind: str, build, dtype: torch.dtype | 
         for name, recipe in det.recipes.items():
             src = tf.dtype(recipe.keys[0])
             src_dtypes.add(str(src).replace("torch.", ""))
-            packed = _read_fp8(tf, recipe, scales, det, mode) if name in eligible else None  # type: ignore[arg-type]
+            packed = _read_fp8(tf, recipe, scales, mode) if name in eligible else None  # type: ignore[arg-type]
             if packed is not None:
                 q, scale = packed
                 _assign(model, name, q.to(device), path, recipe.keys[0])
@@ -200,7 +200,7 @@ def load_module(path: str | os.PathLike, kind: str, build, dtype: torch.dtype | 
                     owner.register_parameter("scale_weight", nn.Parameter(scale.to(device), requires_grad=False))
                 stored.add(str(q.dtype).replace("torch.", "") + ("-scaled" if scale is not None else ""))
                 continue
-            t = _read_recipe(tf, det, recipe, scales)
+            t = _read_recipe(tf, recipe, scales)
             target = _target_dtype(name, src, dtype, keep_fp32)
             t = t.to(device=device, dtype=target)
             stored.add(str(target).replace("torch.", ""))
@@ -227,7 +227,7 @@ def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = torch.f
         det = detect(tf)
         scales = dict(det.scales)
         for name, recipe in det.recipes.items():
-            t = _read_recipe(tf, det, recipe, scales)
+            t = _read_recipe(tf, recipe, scales)
             out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     return out, det
 

@@ -126,15 +126,16 @@ def _refuse_known_others(name: str, keys: set[str]) -> None:
                                       "not Wan 2.1.")
 
 
-def _quant_and_scales(tf: TensorFile, keys: set[str], weight_of: dict[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+def _quant_and_scales(tf: TensorFile) -> tuple[str, tuple[tuple[str, str], ...]]:
     """fp8 flavour of the file and the (weight key, scale key) pairs of ComfyUI scaled fp8."""
+    keys = tf.keys()
     fp8 = {tf.dtype(k) for k in keys if tf.dtype(k) in _FP8}
     marker = next((k for k in keys if k == "scaled_fp8" or k.endswith(".scaled_fp8")), None)
     scales = []
     for k in keys:
         if k.endswith(".scale_weight"):
             w = k[: -len(".scale_weight")] + ".weight"
-            if w in weight_of:
+            if w in tf:
                 scales.append((w, k))
     if marker is not None or scales:
         fmt = tf.dtype(marker) if marker is not None else torch.float8_e4m3fn
@@ -241,7 +242,7 @@ def _detect_dit(tf: TensorFile, prefix: str) -> Detected:
                     in_dim=in_dim, out_dim=out_dim, text_dim=shape("text_embedding.0.weight")[1],
                     freq_dim=shape("time_embedding.0.weight")[1], model_type=model_type,
                     clip_dim=clip_dim, image_pos_len=image_pos_len, patch_size=patch)  # type: ignore[arg-type]
-    quant, scales = _quant_and_scales(tf, set(tf.keys()), {f: f for f in file_keys})
+    quant, scales = _quant_and_scales(tf)
     recipes = {o: Recipe((f,)) for o, f in official.items()}
     return Detected("dit", layout, cfg, recipes, quant, scales)
 
@@ -312,7 +313,7 @@ def _detect_vae(tf: TensorFile, prefix: str) -> Detected:
     mults.append(width // dim)
     cfg = VAEConfig(dim=dim, z_dim=z_dim, dim_mult=tuple(mults), num_res_blocks=nrb or per_stage,
                     temporal_downsample=tuple(temporal))
-    quant, scales = _quant_and_scales(tf, set(tf.keys()), {f: f for f in file_keys})
+    quant, scales = _quant_and_scales(tf)
     layout = "diffusers" if diffusers else "official"
     return Detected("vae", layout, cfg, {o: Recipe((f,)) for o, f in official.items()}, quant, scales)
 
@@ -341,7 +342,7 @@ def _detect_t5_official(tf: TensorFile) -> Detected:
     file_keys = [k for k in tf.keys() if not _is_extra(k) and k != "spiece_model"]
     official = {k: k for k in file_keys}
     cfg = _t5_config(tf, official)
-    quant, scales = _quant_and_scales(tf, set(tf.keys()), official)
+    quant, scales = _quant_and_scales(tf)
     tok = "spiece_model" if "spiece_model" in tf else None
     return Detected("t5", "official", cfg, {k: Recipe((k,)) for k in official}, quant, scales, tok)
 
@@ -381,7 +382,7 @@ def _detect_t5_hf(tf: TensorFile) -> Detected:
     if unknown:
         raise CheckpointError(f"{tf.path.name}: unexpected keys for a umT5 encoder: {', '.join(unknown[:8])}.")
     cfg = _t5_config(tf, official)
-    quant, scales = _quant_and_scales(tf, keys, {v: v for v in official.values()})
+    quant, scales = _quant_and_scales(tf)
     tok = "spiece_model" if "spiece_model" in keys else None
     return Detected("t5", "hf", cfg, {o: Recipe((f,)) for o, f in official.items()}, quant, scales,
                     tok, tuple(ignored))
@@ -415,7 +416,7 @@ def _detect_clip_official(tf: TensorFile) -> Detected:
                        tf.shape(official["patch_embedding.weight"])[-1], layers,
                        tf.shape(official["transformer.0.mlp.0.weight"])[0],
                        tf.shape(official["head"])[-1] if "head" in official else 1024)
-    quant, scales = _quant_and_scales(tf, keys, {v: v for v in official.values()})
+    quant, scales = _quant_and_scales(tf)
     return Detected("clip_vision", "official", cfg, {o: Recipe((f,)) for o, f in official.items()},
                     quant, scales, ignored=ignored)
 
@@ -457,6 +458,6 @@ def _detect_clip_hf(tf: TensorFile) -> Detected:
     cfg = _clip_config(tf, tf.path.name, width, n_pos,
                        tf.shape(v + "embeddings.patch_embedding.weight")[-1], layers,
                        tf.shape(f"{v}encoder.layers.0.mlp.fc1.weight")[0], out_dim)
-    quant, scales = _quant_and_scales(tf, keys, {k: k for k in used})
+    quant, scales = _quant_and_scales(tf)
     ignored = tuple(sorted(k for k in keys if k.startswith(("text_model.", "text_projection", "logit_scale"))))
     return Detected("clip_vision", "hf", cfg, rec, quant, scales, ignored=ignored)
