@@ -6,9 +6,11 @@ renamed, reordered or removed, only appended as optional ones at the end
 ``import nodes`` would be ComfyUI's own module.
 """
 from .conditioning import WanCoreEmptyVideoEmbeds, WanCoreImageToVideoEncode, WanCoreTextEncode
+from .long_video import WanCoreContextOptions, WanCoreExtendVideo, WanCoreGuidanceOptions
 from .loaders import WanCoreLoadCLIPVision, WanCoreLoadDiT, WanCoreLoadTextEncoder, WanCoreLoadVAE
 from .options import WanCoreCompileOptions, WanCoreLoraLoader, WanCoreMemoryOptions, WanCoreStepCache
 from .sampling import WanCoreSampler
+from .vace import WanCoreVACEEncode
 from .vae import WanCoreDecode, WanCoreEncode
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
@@ -26,6 +28,10 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "WanCoreLoraLoader": WanCoreLoraLoader,
     "WanCoreStepCache": WanCoreStepCache,
     "WanCoreCompileOptions": WanCoreCompileOptions,
+    "WanCoreContextOptions": WanCoreContextOptions,
+    "WanCoreGuidanceOptions": WanCoreGuidanceOptions,
+    "WanCoreExtendVideo": WanCoreExtendVideo,
+    "WanCoreVACEEncode": WanCoreVACEEncode,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
@@ -43,6 +49,10 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "WanCoreLoraLoader": "WanCore LoRA Loader",
     "WanCoreStepCache": "WanCore Step Cache",
     "WanCoreCompileOptions": "WanCore Compile Options",
+    "WanCoreContextOptions": "WanCore Context Options",
+    "WanCoreGuidanceOptions": "WanCore Guidance Options",
+    "WanCoreExtendVideo": "WanCore Extend Video",
+    "WanCoreVACEEncode": "WanCore VACE Encode",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

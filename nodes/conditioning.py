@@ -1,10 +1,9 @@
 """Conditioning nodes: prompts -> text embeddings; size or start image(s) -> video embeddings."""
 from __future__ import annotations
 
-import contextlib
 import functools
 
-from . import host
+from . import plans
 from .types import (CLIP_VISION, MAX_FRAMES, MAX_SIZE, MEMORY_OPTIONS, TEXT_EMBEDS, TEXT_ENCODER, VAE, VIDEO_EMBEDS,
                     VideoSize, check_size)
 
@@ -69,13 +68,10 @@ class WanCoreTextEncode:
             NEGATIVE_PROMPT_I2V,
             TextEmbeds,
         )
-        from .plans import text_encoder_device
-
         default = {"t2v": NEGATIVE_PROMPT, "i2v": NEGATIVE_PROMPT_I2V, "flf2v": NEGATIVE_PROMPT_FLF2V}[model_type]
 
         def run(prompts: list[str]):
-            on_cpu = text_encoder_device(text_encoder, memory) == "cpu"
-            with contextlib.nullcontext() if on_cpu else host.on_device(text_encoder.model):
+            with plans.text_encoder_stage(text_encoder, plans.run_options(memory)):
                 return [e.float().cpu() for e in text_encoder.encode(prompts)]
 
         cache = prompt_cache()
@@ -146,6 +142,7 @@ class WanCoreImageToVideoEncode:
 
         first = image_to_tensor(start_image[0])
         last = image_to_tensor(end_image[-1]) if end_image is not None else None
-        with host.on_device(vae, clip_vision):
-            embeds = encode_image_conditioning(vae, clip_vision, first, frames, width, height, last)
+        with plans.image_encode_stage(vae, clip_vision, size=(width, height, frames)) as tiles:
+            embeds = encode_image_conditioning(vae, clip_vision, first, frames, width, height, last,
+                                               vae_tile=tiles.tile)
         return (embeds,)

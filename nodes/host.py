@@ -7,24 +7,26 @@ CPU, no progress bar, no previews and no interrupts; ``folder_paths`` has no fal
 test installs a stub module under that name).
 
 What the host gets from us:
-- models ComfyUI manages are unloaded before ours load or move to the GPU, and the CUDA
-  cache is emptied after ours move back (ComfyUI's own memory manager cannot see our
-  modules, so we make room ourselves);
+- memory shared, not taken: before a stage (or a load) we ask ComfyUI's memory manager for
+  the bytes the engine's plan needs (:func:`make_room`, ``free_memory``), so it unloads its
+  own models only as far as that needs, and our plans budget against the free VRAM as the
+  host reads it, less its ``--reserve-vram`` (:func:`free_vram_bytes`); ComfyUI's memory
+  manager cannot see our modules, which rest on the offload device between stages and are
+  put on the GPU per stage by ``wan_core`` (:func:`wan_core.offload.on_device`, block
+  swap), never here; the host's ``--lowvram`` / ``--novram`` / ``--highvram`` /
+  ``--gpu-only`` / ``--cpu`` arrive as :func:`vram_mode` and the devices;
 - one ProgressBar tick per sampling step and per decoded latent frame, with a latent
   preview when the server runs with ``--preview-method``; every tick also delivers a
   pending ``/interrupt``, and the sampler checks it before every model evaluation.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-from collections.abc import Iterator
 
 import torch
-from torch import nn
 
-__all__ = ["filename_list", "full_path", "torch_device", "offload_device", "free_host_models",
-           "soft_empty_cache", "free_vram_bytes", "on_device", "check_interrupt", "Progress"]
+__all__ = ["filename_list", "gguf_filename_list", "full_path", "torch_device", "offload_device", "vram_mode",
+           "make_room", "make_room_to_load", "soft_empty_cache", "free_vram_bytes", "check_interrupt", "Progress"]
 
 
 def _optional(name: str):
@@ -47,6 +49,23 @@ def filename_list(key: str) -> list[str]:
     import folder_paths
 
     return list(folder_paths.get_filename_list(key))
+
+
+def gguf_filename_list(key: str, gguf_key: str) -> list[str]:
+    """The ``.gguf`` files of model folder ``key``, which ComfyUI's own list for it leaves out
+    (it lists .safetensors/.pth/...): ComfyUI-GGUF's ``gguf_key`` list ("unet_gguf" /
+    "clip_gguf") when that pack is installed, plus a walk of ``key``'s folders."""
+    import os
+
+    import folder_paths
+
+    names: set[str] = set()
+    if gguf_key in getattr(folder_paths, "folder_names_and_paths", {}):
+        names.update(folder_paths.get_filename_list(gguf_key))
+    for base in getattr(folder_paths, "get_folder_paths", lambda _key: [])(key):
+        for root, _dirs, files in os.walk(base, followlinks=True):
+            names.update(os.path.relpath(os.path.join(root, f), base) for f in files if f.lower().endswith(".gguf"))
+    return sorted(names)
 
 
 def full_path(key: str, name: str) -> str:
@@ -74,12 +93,34 @@ def offload_device() -> torch.device:
     return torch.device(mm.unet_offload_device()) if mm is not None else torch.device("cpu")
 
 
-def free_host_models() -> None:
-    """Unload every model ComfyUI manages, so ours have the GPU to themselves."""
+def vram_mode() -> str:
+    """How the host was told to use the GPU: "low" (``--lowvram``), "none" (``--novram``),
+    "high" (``--highvram`` / ``--gpu-only``), "off" (``--cpu``: no GPU) or "normal" (also
+    outside ComfyUI)."""
     mm = _mm()
-    if mm is not None:
-        mm.unload_all_models()
-        mm.soft_empty_cache()
+    state = getattr(getattr(mm, "vram_state", None), "name", "NORMAL_VRAM")
+    return {"LOW_VRAM": "low", "NO_VRAM": "none", "HIGH_VRAM": "high", "DISABLED": "off"}.get(state, "normal")
+
+
+def make_room(nbytes: int, device: torch.device) -> None:
+    """Ask ComfyUI to free ``nbytes`` on ``device`` for us: its memory manager unloads (or
+    partly offloads) its own least-needed models until that much is free beside its
+    ``--reserve-vram``, and keeps the others loaded. A no-op outside ComfyUI or for 0 bytes."""
+    mm = _mm()
+    if mm is None or nbytes <= 0:
+        return
+    reserve = mm.extra_reserved_memory() if hasattr(mm, "extra_reserved_memory") else 0
+    mm.free_memory(int(nbytes) + reserve, torch.device(device))
+
+
+def make_room_to_load(path: str) -> None:
+    """Before a model file is loaded onto the offload device: room for its bytes when that
+    device is a GPU (``--highvram`` / ``--gpu-only``); nothing when models rest on the CPU."""
+    import os
+
+    device = offload_device()
+    if device.type != "cpu":
+        make_room(os.path.getsize(path), device)
 
 
 def soft_empty_cache() -> None:
@@ -90,35 +131,20 @@ def soft_empty_cache() -> None:
 
 
 def free_vram_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA ``device`` in bytes after ComfyUI's models are unloaded (what our
-    memory plans budget against); None for any other device."""
-    from ..wan_core.planner import free_vram_bytes as _free
-
-    if torch.device(device).type != "cuda":
+    """Free memory of a CUDA ``device`` in bytes as ComfyUI reads it (driver-free + torch's
+    cached blocks), less its ``--reserve-vram`` (which ``get_free_memory`` itself does not
+    subtract; the engine's own reserve is a separate allowance for allocator fragmentation):
+    what our memory plans budget against. None for any other device."""
+    device = torch.device(device)
+    if device.type != "cuda":
         return None
-    free_host_models()
-    return _free(device)
+    mm = _mm()
+    if mm is None:
+        from ..wan_core.planner import free_vram_bytes as _free
 
-
-@contextlib.contextmanager
-def on_device(*modules: nn.Module) -> Iterator[torch.device]:
-    """Run ``modules`` on the compute device, then move them back to the offload device.
-
-    Nothing moves when both are the same device (``--cpu``, ``--highvram``).
-    """
-    device, rest = torch_device(), offload_device()
-    moved = device != rest
-    if moved:
-        free_host_models()
-        for m in modules:
-            m.to(device)
-    try:
-        yield device
-    finally:
-        if moved:
-            for m in modules:
-                m.to(rest)
-            soft_empty_cache()
+        return _free(device)
+    reserve = mm.extra_reserved_memory() if hasattr(mm, "extra_reserved_memory") else 0
+    return max(0, int(mm.get_free_memory(device)) - int(reserve))
 
 
 # ----------------------------------------------------------------------------- progress and interrupts

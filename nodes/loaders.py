@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import host
-from .types import CLIP_VISION, DIT, LORAS, MEMORY_OPTIONS, TEXT_ENCODER, VAE
+from .types import CLIP_VISION, DIT, LORAS, MEMORY_OPTIONS, TEXT_ENCODER, VAE, LoadedDiT
 
 __all__ = ["WanCoreLoadDiT", "WanCoreLoadVAE", "WanCoreLoadTextEncoder", "WanCoreLoadCLIPVision"]
 
@@ -25,8 +25,11 @@ _DIT_DTYPE_TIP = (_DTYPE_TIP + " fp8_e4m3fn / fp8_e5m2: Linear weights stored in
                   "an fp8 file stays fp8 as it is; other files as auto.")
 
 
-def _files(key: str) -> tuple[list[str], dict]:
-    return host.filename_list(key), {"tooltip": f"A file in ComfyUI's models/{key}/ folder."}
+def _files(key: str, gguf_key: str | None = None) -> tuple[list[str], dict]:
+    files = host.filename_list(key)
+    if gguf_key is not None:   # GGUF files (ComfyUI-GGUF's folder key when installed)
+        files = sorted(set(files) | set(host.gguf_filename_list(key, gguf_key)))
+    return files, {"tooltip": f"A file in ComfyUI's models/{key}/ folder."}
 
 
 class WanCoreLoadDiT:
@@ -42,7 +45,7 @@ class WanCoreLoadDiT:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files, tip = _files("diffusion_models")
+        files, tip = _files("diffusion_models", "unet_gguf")
         return {"required": {
             "model_name": (files, tip),
             "weight_dtype": (list(_DTYPES) + list(_FP8), {"default": "auto", "tooltip": _DIT_DTYPE_TIP}),
@@ -59,18 +62,18 @@ class WanCoreLoadDiT:
 
     def load(self, model_name: str, weight_dtype: str, attention: str, memory=None, loras=None):
         from ..wan_core import apply_loras, load_dit
+        from ..wan_core.quant import is_quantized
 
         path = host.full_path("diffusion_models", model_name)
-        host.free_host_models()
+        host.make_room_to_load(path)
         if weight_dtype in _FP8:
-            dit = load_dit(path, device=host.offload_device(), weight_dtype=_FP8[weight_dtype])
+            dit = load_dit(path, device=host.offload_device(), weight_dtype=_FP8[weight_dtype], attention=attention)
         else:
-            dit = load_dit(path, dtype=_DTYPES[weight_dtype], device=host.offload_device())
-        dit.attention_backend = attention
-        dit.wancore_memory = memory
+            dit = load_dit(path, dtype=_DTYPES[weight_dtype], device=host.offload_device(), attention=attention)
         if loras:
-            apply_loras(dit, list(loras), mode="merge")
-        return (dit,)
+            # GGUF weights cannot take a merge (it would re-quantize them): unmerged, which is exact
+            apply_loras(dit, list(loras), mode="unmerged" if is_quantized(dit) else "merge")
+        return (LoadedDiT(dit, memory),)
 
 
 class WanCoreLoadVAE:
@@ -97,7 +100,7 @@ class WanCoreLoadVAE:
         from ..wan_core import load_vae
 
         path = host.full_path("vae", vae_name)
-        host.free_host_models()
+        host.make_room_to_load(path)
         return (load_vae(path, dtype=_DTYPES[weight_dtype], device=host.offload_device()),)
 
 
@@ -114,7 +117,7 @@ class WanCoreLoadTextEncoder:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files, tip = _files("text_encoders")
+        files, tip = _files("text_encoders", "clip_gguf")
         return {"required": {
             "text_encoder_name": (files, tip),
             "weight_dtype": (list(_DTYPES), {"default": "auto", "tooltip": _DTYPE_TIP}),
@@ -124,7 +127,7 @@ class WanCoreLoadTextEncoder:
         from ..wan_core import load_text_encoder
 
         path = host.full_path("text_encoders", text_encoder_name)
-        host.free_host_models()
+        host.make_room_to_load(path)
         return (load_text_encoder(path, dtype=_DTYPES[weight_dtype], device=host.offload_device()),)
 
 
@@ -151,5 +154,5 @@ class WanCoreLoadCLIPVision:
         from ..wan_core import load_clip_vision
 
         path = host.full_path("clip_vision", clip_name)
-        host.free_host_models()
+        host.make_room_to_load(path)
         return (load_clip_vision(path, dtype=_DTYPES[weight_dtype], device=host.offload_device()),)

@@ -7,7 +7,7 @@ that consume them do the work, so connecting one never changes a saved workflow'
 from __future__ import annotations
 
 from . import host
-from .types import COMPILE, LORAS, MEMORY_OPTIONS, STEP_CACHE, CompileOptions, MemoryOptions, StepCacheOptions
+from .types import COMPILE, LORAS, MEMORY_OPTIONS, STEP_CACHE, MemoryOptions
 
 __all__ = ["WanCoreCompileOptions", "WanCoreLoraLoader", "WanCoreMemoryOptions", "WanCoreStepCache"]
 
@@ -133,10 +133,13 @@ class WanCoreStepCache:
 
     def options(self, method: str, threshold: float, start_step: int, end_step: int, mode: str, magcache_k: int,
                 retention_ratio: float):
-        if method not in ("teacache", "magcache"):
-            raise ValueError(f"step cache method must be teacache or magcache; got {method!r}")
-        return (StepCacheOptions(method, float(threshold), int(start_step), int(end_step), mode, int(magcache_k),
-                                 float(retention_ratio)),)
+        from ..wan_core import StepCacheSpec
+
+        def auto(v):   # the widgets' -1 is wan_core's None ("the default")
+            return None if v < 0 else v
+
+        return (StepCacheSpec(method, auto(float(threshold)), auto(int(start_step)), auto(int(end_step)), mode,
+                              int(magcache_k), float(retention_ratio)),)
 
 
 class WanCoreCompileOptions:
@@ -168,5 +171,7 @@ class WanCoreCompileOptions:
         }}
 
     def options(self, backend: str, mode: str, dynamic: str):
-        return (CompileOptions(backend, None if mode == "default" else mode,
-                               {"auto": None, "yes": True, "no": False}[dynamic]),)
+        from ..wan_core import CompileSpec
+
+        return (CompileSpec(backend, None if mode == "default" else mode,
+                            {"auto": None, "yes": True, "no": False}[dynamic]),)

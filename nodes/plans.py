@@ -1,194 +1,112 @@
-"""How the option values (memory, LoRAs, step cache) become a sampling run.
+"""Node option values -> ``wan_core`` run options, and the engine's stages with the host's devices.
 
-:func:`prepared_dit` is the sampler's one entry: LoRAs applied unmerged, then the DiT placed
-by the memory plan (block swap on a GPU, in place on the CPU), a fresh step cache, and on
-exit (also on an interrupt or an error) the swap released before the LoRAs are removed
-(the order the fp8 / block-swap contract asks for: hooks are added to and removed from the
-masters, never to device copies). The other helpers decide the text-encoder placement and
-the VAE tiling budget from the same options.
+All policy (block swap, step-cache thresholds, text-encoder placement, VAE tiles, the order
+things are undone in) lives in :mod:`wan_core.run_plan`; this module only translates the
+widgets of WanCore Memory Options into a :class:`wan_core.RunOptions` and hands the engine
+ComfyUI's compute device, offload device and free VRAM (after asking ComfyUI to make room
+for what the stage needs), with the host's ``--lowvram`` / ``--novram`` applied.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator, Sequence
-
-import torch
+import dataclasses
+import functools
+from collections.abc import Sequence
 
 from . import host
-from .types import CompileOptions, MemoryOptions, StepCacheOptions
+from .types import MemoryOptions
 
-__all__ = ["build_step_cache", "plan_dit", "prepared_dit", "recommended_threshold", "set_compiled",
-           "text_encoder_device", "vae_tiling"]
+__all__ = ["compiled_models", "decode_stage", "image_encode_stage", "prepare", "run_options",
+           "text_encoder_stage"]
 
-log = logging.getLogger("wan_core")
-
-AUTO = MemoryOptions()
+_TEXT_ENCODER_DEVICE = {"auto": "auto", "yes": "cpu", "no": "gpu"}
 
 
-def _compute_bytes(dit) -> int:
-    """Bytes per element of the dtype the DiT's Linears will compute in on a GPU."""
-    cd = dit.compute_dtype
-    if cd is None:
-        w = dit.text_embedding[0].weight
-        cd = w.dtype if w.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
-    return torch.empty((), dtype=cd).element_size()
+def run_options(memory: MemoryOptions | None = None, loras: Sequence = (), step_cache=None, compile=None,
+                vae_tile: str | int | None = None):
+    """The :class:`wan_core.RunOptions` of node values: ``memory`` (widget units: GiB, -1 for
+    auto, yes/no), the LoRA chain, a StepCacheSpec / CompileSpec; ``vae_tile`` overrides the
+    memory options' tiling (WanCore Decode's own widgets when not "auto")."""
+    from ..wan_core import RunOptions
+
+    m = memory or MemoryOptions()
+    tile = {"auto": "auto", "off": "off", "custom": int(m.vae_tile_size)}.get(m.vae_tile)
+    if tile is None:
+        raise ValueError(f"memory vae_tile must be auto, off or custom; got {m.vae_tile!r}")
+    te = _TEXT_ENCODER_DEVICE.get(m.text_encoder_on_cpu)
+    if te is None:
+        raise ValueError(f"text_encoder_on_cpu must be auto, yes or no; got {m.text_encoder_on_cpu!r}")
+    options = RunOptions(vram_budget=m.budget_bytes, resident_blocks=None if m.resident_blocks < 0 else m.resident_blocks,
+                         text_encoder_device=te, vae_tile=tile, loras=tuple(loras or ()), step_cache=step_cache,
+                         compile=compile)
+    return options if vae_tile is None else dataclasses.replace(options, vae_tile=vae_tile)
 
 
-def plan_dit(dit, shape: Sequence[int], memory: MemoryOptions, device: torch.device, offload: torch.device,
-             free_bytes: int | None):
-    """The block executor for sampling ``dit`` on latents ``shape`` ``(16, T', h, w)``.
+@functools.cache
+def compiled_models():
+    """The pack's one registry of compiled DiT blocks (kept between runs while the compile
+    options stay the same; models held weakly). Built on first use, never at import."""
+    from ..wan_core import CompiledModels
 
-    Returns ``(executor or None, log line or None)``; None runs the blocks in place. A
-    GPU compute device with the model resting elsewhere gets a :class:`wan_core.BlockSwap`
-    with K from ``memory.resident_blocks`` or, when -1, from :func:`wan_core.plan_memory`
-    on the budget (the user's, else ``free_bytes``). The CPU runs in place, except that an
-    explicit ``resident_blocks`` there exercises the same swap bookkeeping (same numbers).
-    Raises :class:`wan_core.PlanError` when the user's budget cannot run the job at all; when
-    only the free VRAM falls short of the estimate, every block is streamed (K = 0) instead.
-    """
-    from ..wan_core import BlockSwap, plan_memory
-    from ..wan_core.planner import dit_sizes_from_module
-
-    device, offload = torch.device(device), torch.device(offload)
-    n = len(dit.blocks)
-    if device.type != "cuda":
-        if memory.resident_blocks < 0:
-            return None, None
-        k = min(memory.resident_blocks, n)
-        return (BlockSwap(k, compute_device=device, offload_device=offload),
-                f"wan_core: block swap on {device}: {k}/{n} blocks resident (explicit resident_blocks)")
-    if offload.type == "cuda":
-        return None, None   # --highvram / --gpu-only: the weights already live on the GPU
-    pt, ph, pw = dit.cfg.patch_size
-    tokens = (shape[-3] // pt) * (shape[-2] // ph) * (shape[-1] // pw)
-    budget = memory.budget_bytes or free_bytes
-    line = None
-    if memory.resident_blocks >= 0:
-        k = min(memory.resident_blocks, n)
-        line = f"wan_core: block swap: {k}/{n} blocks resident (explicit resident_blocks)"
-    elif budget is None:
-        k = n
-    else:
-        from ..wan_core import PlanError
-
-        sizes = dit_sizes_from_module(dit, _compute_bytes(dit))
-        try:
-            plan = plan_memory(budget, sizes, tokens, attention=getattr(dit, "attention_backend", "sdpa"),
-                               compute_bytes=_compute_bytes(dit))
-        except PlanError as err:
-            if memory.budget_bytes is not None:
-                raise   # the user's own budget: say it cannot work
-            # the free VRAM is below the (high-side) estimate: stream every block and try
-            log.warning("wan_core: %s Trying with every block streamed.", err)
-            return BlockSwap(0, compute_device=device, offload_device=offload), None
-        k, line = plan.resident_blocks, plan.describe()
-    return BlockSwap(k, compute_device=device, offload_device=offload), line
+    return CompiledModels()
 
 
-def recommended_threshold(options: StepCacheOptions, cfg) -> float:
-    """``options.threshold``, or when negative the published recommendation for ``cfg``."""
-    if options.threshold >= 0:
-        return options.threshold
-    if options.method == "magcache":
-        return 0.12
-    return 0.08 if cfg.dim < 3072 else 0.2
+def _follow_host(options):
+    """``options`` with the host's ``--lowvram`` / ``--novram`` applied where the user left
+    "auto": every DiT block streamed and umT5 on the CPU (what ComfyUI does with its own
+    text encoders there). ``--highvram`` / ``--gpu-only`` need nothing here: the offload
+    device is then the GPU, so the weights rest there; ``--cpu`` makes the device the CPU."""
+    if host.vram_mode() not in ("low", "none"):
+        return options
+    return dataclasses.replace(
+        options, resident_blocks=0 if options.resident_blocks is None else options.resident_blocks,
+        text_encoder_device="cpu" if options.text_encoder_device == "auto" else options.text_encoder_device)
 
 
-def build_step_cache(options: StepCacheOptions | None, dit):
-    """A fresh :class:`wan_core.TeaCache` / :class:`wan_core.MagCache` for one run, or None."""
-    if options is None:
-        return None
-    from ..wan_core import MagCache, TeaCache
-
-    threshold = recommended_threshold(options, dit.cfg)
-    if options.method == "magcache":
-        return MagCache.for_model(dit, threshold, k=options.magcache_k, retention_ratio=options.retention_ratio,
-                                  start_step=options.start_step, end_step=options.end_step)
-    return TeaCache.for_model(dit, threshold, mode=options.mode, start_step=options.start_step,
-                              end_step=options.end_step)
-
-
-def set_compiled(dit, options: CompileOptions | None) -> None:
-    """Compile ``dit``'s blocks with ``options``, or restore them when None. The compiled
-    state stays on the model between runs (recompiling every run would cost minutes); it
-    changes only when the options do."""
-    handle = getattr(dit, "wancore_compiled", None)
-    if handle is not None and (options is None or handle.options != dict(handle.options, **options.kwargs())):
-        handle.restore()
-        dit.wancore_compiled = handle = None
-    if options is not None and handle is None:
-        from ..wan_core import compile_blocks
-
-        dit.wancore_compiled = compile_blocks(dit, **options.kwargs())
-
-
-@contextlib.contextmanager
-def prepared_dit(dit, shape: Sequence[int], memory: MemoryOptions | None = None, loras: Sequence = (),
-                 step_cache: StepCacheOptions | None = None, compile: CompileOptions | None = None) -> Iterator:
-    """``with prepared_dit(...) as runner: sample(..., runner=runner)``: a
-    :class:`wan_core.DiTRunner` with the LoRAs, the memory plan and the step cache; everything
-    but the compiled blocks (see :func:`set_compiled`) undone on exit. ``memory`` None: the
-    model's own options (set by the loader) or auto."""
-    from ..wan_core import DiTRunner, applied_loras
-
-    set_compiled(dit, compile)
-    memory = memory or getattr(dit, "wancore_memory", None) or AUTO
-    device, offload = host.torch_device(), host.offload_device()
-    with contextlib.ExitStack() as stack:
-        if loras:
-            # apply_loras logs the report, and a warning naming every key that matched nothing
-            stack.enter_context(applied_loras(dit, list(loras)))
-        executor, line = plan_dit(dit, shape, memory, device, offload, host.free_vram_bytes(device))
-        if line:
-            log.info(line)
-        if executor is None:
-            stack.enter_context(host.on_device(dit))
-        else:
-            stack.callback(host.soft_empty_cache)
-            stack.callback(executor.release)
-            executor.setup(dit)
-        cache = build_step_cache(step_cache, dit)
-        yield DiTRunner(dit, executor=executor, step_cache=cache)
-        if cache is not None:
-            log.info("wan_core: %s", cache.summary())
-
-
-def text_encoder_device(text_encoder, memory: MemoryOptions | None) -> str:
-    """"cpu" or "device": where umT5 runs under ``memory`` (auto: the device when its weights
-    and workspace fit the budget, or when the compute device is not a GPU)."""
-    choice = (memory or AUTO).text_encoder_on_cpu
-    if choice in ("yes", "no"):
-        return "cpu" if choice == "yes" else "device"
-    device = host.torch_device()
-    if device.type != "cuda":
-        return "device"
-    from ..wan_core.offload import module_bytes
-    from ..wan_core.planner import DEFAULT_RESERVE, TEXT_ENCODER_WORKSPACE
-
-    budget = (memory or AUTO).budget_bytes or host.free_vram_bytes(device)
-    need = module_bytes(text_encoder.model) + TEXT_ENCODER_WORKSPACE + DEFAULT_RESERVE
-    return "device" if budget is None or need <= budget else "cpu"
-
-
-def vae_tiling(tile, options: dict, vae, memory: MemoryOptions | None) -> tuple[object, dict]:
-    """Refine WanCore Decode's ``(tile, options)`` with memory options: only an "auto" tiling
-    changes; ``memory.vae_tile`` off / custom replaces it, and a budget (the user's, else
-    80 % of the free VRAM of a GPU) minus the VAE's weights bounds the auto tile."""
-    if tile != "auto":
-        return tile, options
-    memory = memory or AUTO
-    if memory.vae_tile == "off":
-        return None, {}
-    if memory.vae_tile == "custom":
-        return max(1, memory.vae_tile_size // 8), options
-    from ..wan_core.offload import module_bytes
+def _host(stage: str, models, options, job=None):
+    """(compute device, offload device, free VRAM) for ``stage``: ComfyUI is first asked to
+    make room for the bytes the engine says the stage needs (it unloads only as many of its
+    own models as that takes), then the free VRAM is read through the host."""
+    from ..wan_core.run_plan import stage_bytes
 
     device = host.torch_device()
-    budget = memory.budget_bytes
-    if budget is None:
-        free = host.free_vram_bytes(device)
-        budget = None if free is None else int(free * 0.8)
-    if budget is None:
-        return tile, options   # CPU: wan_core's default (half the available RAM)
-    return tile, dict(options, budget=max(1, budget - module_bytes(vae)))
+    if device.type != "cpu":
+        host.make_room(stage_bytes(stage, models, options, job), device)
+    return device, host.offload_device(), host.free_vram_bytes(device)
+
+
+def prepare(dit, shape: Sequence[int], options):
+    """``with prepare(dit, shape, options) as plan, plan.sampling() as runner:`` on the host."""
+    from ..wan_core import prepare_run
+
+    options = _follow_host(options)
+    device, offload, free = _host("sampling", dit, options, shape)
+    return prepare_run(dit, shape, options, device, offload, free, compiled=compiled_models())
+
+
+def text_encoder_stage(text_encoder, options):
+    from ..wan_core.run_plan import text_encoder_stage as stage
+
+    options = _follow_host(options)
+    device, _offload, free = _host("text encoder", text_encoder, options)
+    return stage(text_encoder, options, device, free)
+
+
+def image_encode_stage(*modules, what: str = "VAE + CLIP vision", size: Sequence[int] | None = None, options=None):
+    """``size``: (width, height, frames) of the video encoded: plans the encode tile and sizes
+    the room asked for (without it: untiled, room for the weights)."""
+    from ..wan_core.run_plan import Job, RunOptions, image_encode_stage as stage
+
+    options = _follow_host(options or RunOptions())
+    job = None if size is None else Job(*(int(v) for v in size), encode_video=True)
+    device, _offload, free = _host("image encode", modules, options, job)
+    return stage(modules, device, what, options=options, job=job, free_bytes=free)
+
+
+def decode_stage(vae, options, latent_shape: Sequence[int] | None = None):
+    """``latent_shape``: the latents decoded (``[..., T', h, w]``), which the tiles and the room
+    asked for are planned for."""
+    from ..wan_core.run_plan import decode_stage as stage
+
+    options = _follow_host(options)
+    device, _offload, free = _host("decode", vae, options, latent_shape)
+    return stage(vae, options, device, free, job=latent_shape)

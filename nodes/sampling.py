@@ -1,9 +1,10 @@
 """The sampler node: model + embeddings (+ input latent for video-to-video) -> LATENT."""
 from __future__ import annotations
 
-from . import host
-from .plans import prepared_dit
-from .types import COMPILE, DIT, LORAS, MAX_SEED, MEMORY_OPTIONS, STEP_CACHE, TEXT_EMBEDS, VIDEO_EMBEDS, VideoSize
+from . import host, plans
+from .types import (COMPILE, CONTEXT_OPTIONS, DIT, GUIDANCE_OPTIONS, LATENT_CHANNELS, LORAS, MAX_CFG, MAX_SEED,
+                    MAX_SHIFT, MAX_STEPS, MEMORY_OPTIONS, MIN_CFG, SAMPLERS, STEP_CACHE, TEXT_EMBEDS, VIDEO_EMBEDS,
+                    VideoSize)
 
 __all__ = ["WanCoreSampler"]
 
@@ -12,9 +13,10 @@ __all__ = ["WanCoreSampler"]
 _NOT_CONNECTED = "not connected"
 
 
-def _pixels(shape) -> str:
-    """``(16, T', h, w)`` latent shape -> "WxH, N frames"."""
-    return f"{shape[-1] * 8}x{shape[-2] * 8}, {(shape[-3] - 1) * 4 + 1} frames"
+# Appended to wan_core's conditioning errors: how the graph supplies each kind of conditioning.
+_WIRING = ("In the graph: video_embeds come from WanCore Empty Video Embeds (T2V, V2V) or WanCore Image To Video "
+           "Encode (I2V with a start image; FLF2V also with end_image), and an input latent must have the size of "
+           "video_embeds.")
 
 
 class WanCoreSampler:
@@ -41,15 +43,15 @@ class WanCoreSampler:
                                "(I2V, FLF2V)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Noise seed; the same seed gives the same video on every device."}),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 1000,
+                "steps": ("INT", {"default": 50, "min": 1, "max": MAX_STEPS,
                                   "tooltip": "Sampling steps. Official: 50 for T2V, 40 for I2V / FLF2V."}),
-                "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                "cfg": ("FLOAT", {"default": 5.0, "min": MIN_CFG, "max": MAX_CFG, "step": 0.1, "round": 0.01,
                                   "tooltip": "Guidance scale (official 5.0). 1.0 turns guidance off and "
                                              "halves the time."}),
-                "shift": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                "shift": ("FLOAT", {"default": 5.0, "min": 0.0, "max": MAX_SHIFT, "step": 0.1, "round": 0.01,
                                     "tooltip": "Schedule shift (official: 5.0; 3.0 for I2V at 480p; 16 for "
                                                "FLF2V). Higher spends more steps on coarse structure."}),
-                "sampler": (["unipc", "dpm++", "euler"], {
+                "sampler": (list(SAMPLERS), {
                     "default": "unipc",
                     "tooltip": "Solver. unipc is the official default; dpm++ the official alternative."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
@@ -68,6 +70,10 @@ class WanCoreSampler:
                                                        "little (faster, approximate)."}),
                 "compile": (COMPILE, {"tooltip": "WanCore Compile Options: torch.compile the transformer blocks. "
                                                  "Not connected: plain PyTorch (the default)."}),
+                "context": (CONTEXT_OPTIONS, {"tooltip": "WanCore Context Options: sample a long video in "
+                                                         "overlapping windows. Not connected: one window."}),
+                "guidance": (GUIDANCE_OPTIONS, {"tooltip": "WanCore Guidance Options: SLG, CFG-Zero*, a cfg "
+                                                           "schedule, RIFLEx. Not connected: official CFG."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -85,46 +91,44 @@ class WanCoreSampler:
 
     def sample(self, model, text_embeds, video_embeds, seed: int, steps: int, cfg: float, shift: float,
                sampler: str, denoise: float, latent=None, memory=None, loras=None, step_cache=None,
-               compile=None, unique_id=None):
-        from ..wan_core import ImageEmbeds, SamplerSettings, latent_shape, sample
+               compile=None, context=None, guidance=None, unique_id=None):
+        from ..wan_core import (ConditioningError, ImageEmbeds, SamplerSettings, VaceEmbeds, check_conditioning,
+                                latent_shape, sample)
         from ..wan_core.vae import denormalize_latents, normalize_latents
 
-        dit_cfg = model.cfg
+        dit = model.model
         image = video_embeds if isinstance(video_embeds, ImageEmbeds) else None
-        if dit_cfg.has_image_input and image is None:
-            raise ValueError(f"{dit_cfg.variant} is an image-to-video model: connect WanCore Image To Video "
-                             "Encode (with a start image) to video_embeds, or load a text-to-video model.")
-        if not dit_cfg.has_image_input and image is not None:
-            raise ValueError(f"{dit_cfg.variant} is a text-to-video model, but video_embeds come from WanCore "
-                             "Image To Video Encode: load an I2V model, or use WanCore Empty Video Embeds.")
-        if image is not None:
-            has_end = image.y.shape[1] > 1 and bool(image.y[:4, -1].eq(1).any())  # mask of the last latent frame
-            if has_end != (dit_cfg.model_type == "flf2v"):
-                raise ValueError(f"{dit_cfg.variant}: an end image needs an FLF2V model, and an FLF2V model needs "
-                                 "an end image; connect end_image only with the FLF2V model.")
-            shape = (16, *image.y.shape[-3:])
-        else:
+        vace = video_embeds if isinstance(video_embeds, VaceEmbeds) else None   # WanCore VACE Encode
+        shape = None
+        if vace is not None:
+            shape = vace.latent_shape
+        elif image is None:
             size: VideoSize = video_embeds
             shape = latent_shape(size.width, size.height, size.frames)
-
         init = None
         if latent is not None:
             samples = latent["samples"]
-            if samples.ndim != 5 or samples.shape[0] != 1 or samples.shape[1] != 16:
+            if samples.ndim != 5 or samples.shape[0] != 1 or samples.shape[1] != LATENT_CHANNELS:
                 raise ValueError(f"the input latent must be one Wan 2.1 video latent [1, 16, T', h, w]; got shape "
                                  f"{tuple(samples.shape)}.")
-            if tuple(samples.shape[1:]) != tuple(shape):
-                raise ValueError(f"the input latent is {_pixels(samples.shape)} but video_embeds say "
-                                 f"{_pixels(shape)}: make them the same size.")
             init = normalize_latents(samples.float().cpu())[0]
         elif denoise < 1.0:
             raise ValueError("denoise below 1 is video-to-video: connect the input video's LATENT, or set denoise "
                              "to 1.0.")
+        try:
+            shape = check_conditioning(dit.cfg, image, shape=shape, init_shape=None if init is None else init.shape)
+        except ConditioningError as err:
+            raise ValueError(f"{err} {_WIRING}") from None
 
         settings = SamplerSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, seed=seed, denoise=denoise)
         progress = host.Progress(steps, unique_id, preview=True)
-        with prepared_dit(model, shape, memory, tuple(loras or ()), step_cache, compile) as runner:
-            out = sample(model, text_embeds, settings, shape=shape, image=image, init_latents=init,
+        options = plans.run_options(memory or model.memory, loras or (), step_cache, compile)
+        from ..wan_core.context_windows import plan_shape
+
+        # with context windows the plan budgets one window's frames (the peak)
+        with plans.prepare(dit, plan_shape(shape, context), options) as plan, plan.sampling() as runner:
+            out = sample(dit, text_embeds, settings, shape=shape, image=image, init_latents=init,
                          callback=lambda info: progress.update(info.step, info.total, info.x0),
-                         interrupt=host.check_interrupt, runner=runner)
+                         interrupt=host.check_interrupt, runner=runner, guidance=guidance, context=context,
+                         vace=vace)
         return ({"samples": denormalize_latents(out[None])},)

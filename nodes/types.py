@@ -1,32 +1,46 @@
 """What travels between the Wan Core nodes, and the names ComfyUI knows it by.
 
-Models travel as the ``wan_core`` objects the loaders return, embeddings as the frozen
-dataclasses of :mod:`wan_core.conditioning`; the one shape that has no ``wan_core`` type,
-the size of a text-to-video run, is :class:`VideoSize` here. Type names are a contract of
-saved workflows: never rename one.
+Models travel as the ``wan_core`` objects the loaders return (the DiT with the loader's
+memory options, :class:`LoadedDiT`), embeddings as the frozen dataclasses of
+:mod:`wan_core.conditioning`, step-cache and compile requests as the ``wan_core.run_plan``
+specs; what has no ``wan_core`` type (the size of a text-to-video run, the memory widgets)
+is defined here. Type names are a contract of saved workflows: never rename one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CLIP_VISION", "COMPILE", "DIT", "LORAS", "MAX_FRAMES", "MAX_SEED", "MAX_SIZE", "MEMORY_OPTIONS",
-           "STEP_CACHE", "TEXT_EMBEDS", "TEXT_ENCODER", "VAE", "VIDEO_EMBEDS", "CompileOptions", "MemoryOptions",
-           "StepCacheOptions", "VideoSize", "check_size"]
+__all__ = ["CLIP_VISION", "COMPILE", "CONTEXT_OPTIONS", "DIT", "GUIDANCE_OPTIONS", "LORAS", "MAX_CFG", "MAX_FRAMES", "MAX_SEED", "MAX_SHIFT", "MAX_SIZE",
+           "MAX_STEPS", "MEMORY_OPTIONS", "MIN_CFG",
+           "LATENT_CHANNELS", "SAMPLERS", "VAE_SPACE_STRIDE",
+           "STEP_CACHE", "TEXT_EMBEDS", "TEXT_ENCODER", "VAE", "VIDEO_EMBEDS", "LoadedDiT", "MemoryOptions",
+           "VideoSize", "check_size"]
 
-DIT = "WANCORE_DIT"                    # wan_core.dit.WanDiT
+DIT = "WANCORE_DIT"                    # LoadedDiT (a wan_core.dit.WanDiT + the loader's memory options)
 VAE = "WANCORE_VAE"                    # wan_core.vae.WanVAE
 TEXT_ENCODER = "WANCORE_TEXT_ENCODER"  # wan_core.TextEncoder
 CLIP_VISION = "WANCORE_CLIP_VISION"    # wan_core.clip_vision.CLIPVisionTower
 TEXT_EMBEDS = "WANCORE_TEXT_EMBEDS"    # wan_core.TextEmbeds
-VIDEO_EMBEDS = "WANCORE_VIDEO_EMBEDS"  # VideoSize (T2V) or wan_core.ImageEmbeds (I2V / FLF2V)
+VIDEO_EMBEDS = "WANCORE_VIDEO_EMBEDS"  # VideoSize (T2V), wan_core.ImageEmbeds (I2V / FLF2V) or wan_core.VaceEmbeds
 MEMORY_OPTIONS = "WANCORE_MEMORY_OPTIONS"  # MemoryOptions
 LORAS = "WANCORE_LORAS"                # tuple of wan_core.LoraSpec, applied in order
-STEP_CACHE = "WANCORE_STEP_CACHE"      # StepCacheOptions
-COMPILE = "WANCORE_COMPILE"            # CompileOptions
+STEP_CACHE = "WANCORE_STEP_CACHE"      # wan_core.StepCacheSpec
+COMPILE = "WANCORE_COMPILE"            # wan_core.CompileSpec
+CONTEXT_OPTIONS = "WANCORE_CONTEXT_OPTIONS"    # wan_core.context_windows.ContextOptions
+GUIDANCE_OPTIONS = "WANCORE_GUIDANCE_OPTIONS"  # wan_core.guidance.GuidanceOptions
 
+# Widget limits: the values of wan_core.limits (repeated so that importing the pack imports no
+# engine; tests/unit/test_limits.py checks that they agree).
 MAX_SIZE = 4096           # pixels per side; Wan was trained up to 1280x720
 MAX_FRAMES = 1025         # 4n+1; Wan was trained on 81
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+MAX_STEPS = 1000
+MIN_CFG, MAX_CFG = 0.0, 100.0
+MAX_SHIFT = 100.0
+# Engine constants, repeated for the same reason (tests/unit/test_limits.py checks them too):
+SAMPLERS: tuple[str, ...] = ("unipc", "dpm++", "euler")   # wan_core.schedulers.SAMPLERS, in this order
+LATENT_CHANNELS = 16      # wan_core.configs.LATENT_CHANNELS
+VAE_SPACE_STRIDE = 8      # wan_core.configs.VAE_SPACE_STRIDE: video pixels per latent pixel
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,15 @@ class VideoSize:
     width: int
     height: int
     frames: int
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedDiT:
+    """What WanCore Load Diffusion Model outputs: the model and the loader's memory options,
+    the default of every sampler of this model whose own 'memory' input is not connected."""
+
+    model: object                      # wan_core.dit.WanDiT, resting on the offload device
+    memory: MemoryOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -62,44 +85,12 @@ class MemoryOptions:
         return int(self.vram_budget_gb * (1 << 30)) if self.vram_budget_gb > 0 else None
 
 
-@dataclass(frozen=True)
-class StepCacheOptions:
-    """A step cache request (WanCore Step Cache); a fresh cache is built for every sampling run.
-
-    method: "teacache" or "magcache"; threshold < 0 = the recommended value for the model
-    (TeaCache "e": 0.08 for 1.3B, 0.2 for 14B; MagCache 0.12); 0 never skips. start_step /
-    end_step: -1 = the method's default; mode: TeaCache "e" or "e0"; magcache_k and
-    retention_ratio: MagCache only.
-    """
-
-    method: str = "teacache"
-    threshold: float = -1.0
-    start_step: int = -1
-    end_step: int = -1
-    mode: str = "e"
-    magcache_k: int = 2
-    retention_ratio: float = 0.2
-
-
-@dataclass(frozen=True)
-class CompileOptions:
-    """``torch.compile`` of the DiT blocks (WanCore Compile Options): backend, mode (None =
-    the default), dynamic (None = auto). See :mod:`wan_core.compile`."""
-
-    backend: str = "inductor"
-    mode: str | None = None
-    dynamic: bool | None = None
-
-    def kwargs(self) -> dict:
-        return {"backend": self.backend, "mode": self.mode, "dynamic": self.dynamic}
-
-
 def check_size(width=None, height=None, frames=None) -> bool | str:
     """``VALIDATE_INPUTS`` body for width / height / frames widgets: True or the error text.
 
     A linked (not yet computed) value arrives as None and is checked at run time instead.
-    ComfyUI skips its own min/max checks for inputs a VALIDATE_INPUTS names, so the upper
-    bounds are checked here too.
+    ComfyUI skips its own min/max checks for inputs a VALIDATE_INPUTS names; the engine's
+    check covers the upper bounds too (:mod:`wan_core.limits`).
     """
     from ..wan_core import check_video_size
 
@@ -109,6 +100,4 @@ def check_size(width=None, height=None, frames=None) -> bool | str:
         check_video_size(int(width), int(height), int(frames))
     except ValueError as err:
         return str(err)
-    too_big = [f"{n} {v} is above {m}" for n, v, m in (("width", width, MAX_SIZE), ("height", height, MAX_SIZE),
-                                                         ("frames", frames, MAX_FRAMES)) if int(v) > m]
-    return "; ".join(too_big) + "." if too_big else True
+    return True

@@ -1,8 +1,8 @@
 """VAE nodes: Wan 2.1 LATENT <-> IMAGE frames, optionally tiled in space to bound memory."""
 from __future__ import annotations
 
-from . import host
-from .types import MEMORY_OPTIONS, VAE
+from . import host, plans
+from .types import LATENT_CHANNELS, MEMORY_OPTIONS, VAE, VAE_SPACE_STRIDE
 
 __all__ = ["WanCoreDecode", "WanCoreEncode"]
 
@@ -30,7 +30,7 @@ def _tile(tiling: str, tile_size: int, tile_overlap: int) -> tuple[object, dict]
         return "auto", {}
     if tiling != "custom":
         raise ValueError(f"tiling must be auto, off or custom; got {tiling!r}")
-    return max(1, tile_size // 8), {"overlap": tile_overlap // 8}
+    return max(1, tile_size // VAE_SPACE_STRIDE), {"overlap": tile_overlap // VAE_SPACE_STRIDE}
 
 
 class WanCoreDecode:
@@ -56,17 +56,20 @@ class WanCoreDecode:
 
     def decode(self, vae, latent, tiling: str, tile_size: int, tile_overlap: int, memory=None, unique_id=None):
         from ..wan_core.vae_tiling import decode_tiled
-        from .plans import vae_tiling
 
         z = latent["samples"]
-        if z.ndim != 5 or z.shape[1] != 16:
+        if z.ndim != 5 or z.shape[1] != LATENT_CHANNELS:
             raise ValueError(f"WanCore Decode needs Wan 2.1 video latents [B, 16, T', h, w]; got shape "
                              f"{tuple(z.shape)} (an image model's latent?).")
-        tile, options = vae_tiling(*_tile(tiling, tile_size, tile_overlap), vae, memory)
+        _tile(tiling, tile_size, tile_overlap)   # validates the widgets
+        # this node's tiling, unless "auto": then the memory options' (auto, off or custom)
+        own = {"auto": None, "off": "off", "custom": int(tile_size)}[tiling]
+        overlap = {"overlap": tile_overlap // VAE_SPACE_STRIDE} if tiling == "custom" else {}
         progress = host.Progress(z.shape[2], unique_id)
-        with host.on_device(vae):
-            video = decode_tiled(vae, z, normalized=False, tile=tile, output_device="cpu",
-                                 on_progress=lambda done, total: progress.update(done, total), **options)
+        with plans.decode_stage(vae, plans.run_options(memory, vae_tile=own), z.shape) as tiles:
+            video = decode_tiled(vae, z, normalized=False, output_device="cpu",
+                                 on_progress=lambda done, total: progress.update(done, total), **tiles.kwargs(),
+                                 **overlap)
         # [B, 3, T, H, W] in -1..1 -> [B*T, H, W, 3] in 0..1 (ComfyUI flattens video frames into the batch)
         frames = video.float().add(1).div(2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1)
         return (frames.contiguous(),)
@@ -103,9 +106,14 @@ class WanCoreEncode:
         except ValueError as err:
             raise ValueError(f"WanCore Encode: the frames are {w}x{h}, {t} frames: {err} Resize (core Upscale "
                              "Image) or pick frames (core Image From Batch) first.") from None
-        tile, options = _tile(tiling, tile_size, tile_overlap)
+        _tile(tiling, tile_size, tile_overlap)   # validates the widgets
+        # "auto": the run plan's encode tile (on a GPU the memory plan's, on the CPU vae_tiling's rule)
+        own = {"auto": "auto", "off": "off", "custom": int(tile_size)}[tiling]
+        overlap = {"overlap": tile_overlap // VAE_SPACE_STRIDE} if tiling == "custom" else {}
         progress = host.Progress(1, unique_id)
-        with host.on_device(vae):
-            z = encode_tiled(vae, video_to_tensor(images[..., :3]), normalize=False, tile=tile, output_device="cpu",
-                             on_progress=lambda done, total: progress.update(done, total), **options)
+        with plans.image_encode_stage(vae, what="VAE (input video)", size=(int(w), int(h), int(t)),
+                                      options=plans.run_options(vae_tile=own)) as tiles:
+            z = encode_tiled(vae, video_to_tensor(images[..., :3]), normalize=False, output_device="cpu",
+                             on_progress=lambda done, total: progress.update(done, total), **tiles.kwargs(),
+                             **overlap)
         return ({"samples": z.float()},)

@@ -1,7 +1,8 @@
 """Tiny random-weight Wan 2.1 checkpoints in every real key layout: the spec the loader obeys.
 
 Independent of ``wan_core`` model code: every official name and shape was written from the
-official modules (wan/modules/{model,vae,t5,clip,xlm_roberta}.py) and the facts file, and
+official modules (wan/modules/{model,vae,t5,clip,xlm_roberta}.py of the Wan 2.1 repository,
+github.com/Wan-Video/Wan2.1), and
 ``test_factory.py`` checks full-size key / parameter counts against the published ones and
 loads the foreign layouts strictly into diffusers / transformers. Each tensor draws from
 its own generator seeded by (seed, name), so a name has the same values in every layout;
@@ -575,3 +576,22 @@ __all__ = ["TINY_SPIECE", "PREFIX", "KIJAI_KEEP", "T5_KEEP", "LAYOUTS", "officia
            "dit_to_diffusers", "vae_to_diffusers", "t5_to_hf", "clip_to_hf", "to_fp8",
            "to_scaled_fp8", "is_scaled_linear", "dequantize_reference", "save_safetensors",
            "save_pth", "make_checkpoint", "expected_official", "write_checkpoint"]
+
+
+# ---------------------------------------------------------------- hostile files
+
+def raw_safetensors(header: dict | bytes, data: bytes = b"", header_len: int | None = None) -> bytes:
+    """The bytes of a safetensors file with any header, valid or not (tests of hostile files).
+
+    ``header``: a dict (serialised as JSON) or raw bytes; ``header_len``: the length written
+    in the 8-byte prefix (default: the real one).
+    """
+    import json
+    import struct
+
+    body = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(body) if header_len is None else header_len
+    return struct.pack("<Q", n) + body + data
+
+
+__all__ += ["raw_safetensors"]

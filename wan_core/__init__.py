@@ -4,7 +4,7 @@ Public API (documented in the README):
 
 Loading (any published layout; config inferred from tensor shapes)::
 
-    load_dit(path, dtype=None, device="cpu")          -> WanDiT (T2V / I2V / FLF2V)
+    load_dit(path, dtype=None, device="cpu", attention="sdpa") -> WanDiT (T2V / I2V / FLF2V)
     load_vae(path, dtype=torch.float32, device="cpu") -> WanVAE
     load_text_encoder(path, dtype=None, device="cpu", tokenizer_path=None) -> TextEncoder
     load_clip_vision(path, dtype=None, device="cpu")  -> CLIPVisionTower
@@ -17,6 +17,8 @@ Stages::
     WanVAE.encode(video[-1..1]) / WanVAE.decode(latents)
     encode_image_conditioning(vae, clip, image, frames, width, height, end_image=None) -> ImageEmbeds
     sample(dit, TextEmbeds, SamplerSettings, shape=..., image=..., init_latents=..., callback=..., interrupt=...)
+    sample(..., guidance=GuidanceOptions(slg_blocks=(9,), cfg_zero_star=True, riflex=True),
+           context=ContextOptions(context_frames=81, overlap=48, schedule="static", fuse="pyramid"))
 
 Memory (fp8 storage, block swap, planner)::
 
@@ -32,40 +34,72 @@ Speed (step caches, LoRA, compile)::
     with applied_loras(dit, [LoraSpec("style.safetensors", 0.8)]) as report: sample(..., runner=runner)
     compile_blocks(dit)                                  # off by default; falls back to eager
 
+Limits and NaN guards (``wan_core.limits``: MAX_STEPS, MAX_SIZE, MAX_FRAMES, ...)::
+
+    check_run_arguments(width=..., steps=..., cfg=...)   ValueError naming the limit, before any load
+    NonFiniteError                                      NaN/Inf in a prediction, the latents or a VAE chunk
+
+The run plan (one for generate(), the CLI and the nodes)::
+
+    with prepare_run(dit, Job(w, h, frames), RunOptions(vram_budget=8 << 30), "cuda") as plan:
+        with plan.text_encoder(te): ...; with plan.sampling() as runner: sample(..., runner=runner)
+        with plan.decode(vae) as tiling: decode_tiled(vae, latents, **tiling.kwargs())
+
 The whole job::
 
     generate(dit=..., vae=..., text_encoder=..., prompt=..., ...) -> frames [T, H, W, 3] in 0..1
 """
+import logging
+
 from .checkpoint import inspect_checkpoint
 from .clip_vision import encode_image
 from .conditioning import (NEGATIVE_PROMPT, NEGATIVE_PROMPT_FLF2V, NEGATIVE_PROMPT_I2V, ImageEmbeds, TextEmbeds,
-                           check_video_size, encode_image_conditioning, i2v_size, image_to_tensor, latent_shape,
+                           ConditioningError, check_conditioning, check_video_size, encode_image_conditioning, i2v_size, image_to_tensor, latent_shape,
                            make_noise)
 from .configs import CLIPVisionConfig, DiTConfig, T5Config, VAEConfig
 from .files import CheckpointError
 from .compile import compile_blocks
-from .fp8 import enable_fp8_matmul
+from .layers import enable_fp8_matmul
 from .loaders import TextEncoder, load_clip_vision, load_dit, load_text_encoder, load_vae
 from .lora import LoraError, LoraReport, LoraSpec, applied_loras, apply_loras
 from .offload import BlockSwap, on_device
 from .planner import MemoryPlan, PlanError, dit_sizes, plan_memory, tokens_for
+from .run_plan import (CompiledModels, CompileSpec, Job, RunOptions, RunPlan, StepCacheSpec, prepare_run)
 from .runner import DiTRunner
-from .pipeline import NonFiniteError, SamplerSettings, StepInfo, default_settings, generate, sample
+from .context_windows import ContextOptions
+from .dit import RopeOptions
+from .guidance import GuidanceOptions
+from . import limits
+from .errors import NonFiniteError
+from .limits import check_run_arguments
+from .pipeline import SamplerSettings, StepInfo, default_settings, generate, sample
 from .schedulers import flow_schedule
 from .step_cache import MagCache, TeaCache
 from .text_cache import PromptCache
 from .vae_tiling import decode_tiled, encode_tiled
-from .video import read_video, write_mp4
+from .vace import WanVaceDiT
+from .vace_conditioning import VaceEmbeds, encode_vace
+from .video import read_video, write_image, write_mp4
 
 __version__ = "0.1.0"
+
+# A library logs, the application decides where it goes: without this, Python's last-resort
+# handler would print wan_core's warnings (never its INFO load lines) to stderr on its own.
+# See the load lines with logging.basicConfig(level=logging.INFO).
+logging.getLogger("wan_core").addHandler(logging.NullHandler())
 
 __all__ = [
     "load_dit", "load_vae", "load_text_encoder", "load_clip_vision", "inspect_checkpoint", "TextEncoder", "DiTRunner",
     "encode_image", "encode_image_conditioning", "sample", "generate", "default_settings", "SamplerSettings",
     "StepInfo", "TextEmbeds", "ImageEmbeds", "NonFiniteError", "CheckpointError", "check_video_size",
     "latent_shape", "make_noise", "i2v_size", "image_to_tensor", "flow_schedule", "write_mp4", "read_video",
+    "write_image",
     "DiTConfig", "VAEConfig", "T5Config", "CLIPVisionConfig", "NEGATIVE_PROMPT", "NEGATIVE_PROMPT_I2V",
     "NEGATIVE_PROMPT_FLF2V", "BlockSwap", "on_device", "plan_memory", "MemoryPlan", "PlanError", "dit_sizes",
     "tokens_for", "enable_fp8_matmul", "compile_blocks", "LoraSpec", "LoraReport", "LoraError", "apply_loras",
-    "applied_loras", "TeaCache", "MagCache", "PromptCache", "decode_tiled", "encode_tiled", "__version__",
+    "applied_loras", "TeaCache", "MagCache", "PromptCache", "decode_tiled", "encode_tiled", "limits",
+    "check_run_arguments", "RunOptions", "StepCacheSpec", "CompileSpec", "Job", "RunPlan", "prepare_run",
+    "CompiledModels", "check_conditioning", "ConditioningError", "GuidanceOptions", "ContextOptions", "RopeOptions",
+    "WanVaceDiT", "VaceEmbeds", "encode_vace",
+    "__version__",
 ]

@@ -8,7 +8,7 @@ Backends
   included; the fallback, and the reference every other backend is compared with.
 - ``"sage"``: ``sageattention.sageattn`` (int8 QK, CUDA only, optional package).
 - ``"flash"``: ``flash_attn.flash_attn_func`` (CUDA only, optional package).
-- ``"auto"`` (default): the first of :func:`available_backends` for the tensors' device
+- ``"auto"`` (default of :func:`attention`; the loaders default to ``"sdpa"``): the first of :func:`available_backends` for the tensors' device
   (sage, then flash, then sdpa); on CPU that is always SDPA.
 
 A backend that is not installed, cannot run on the device, or raises falls back to SDPA
@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS: tuple[str, ...] = ("auto", "sdpa", "sage", "flash")
+# The one list of choices (loaders, CLI, nodes). The loaders' default comes first: the
+# loader node offers this list in this order, and saved workflows keep the order.
+BACKENDS: tuple[str, ...] = ("sdpa", "auto", "sage", "flash")
 # Preference order for "auto": fastest first.
 _AUTO_ORDER: tuple[str, ...] = ("sage", "flash", "sdpa")
 # Package each optional backend needs (import name).

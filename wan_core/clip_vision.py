@@ -7,8 +7,9 @@ with the prefix removed (``cls_embedding``, ``transformer.N.attn.to_qkv.weight``
 ``post_norm`` and ``head`` are kept so the official tower loads with ``strict=True``, but
 forward never uses them.
 
-Precision policy (data below, honoured in forward):
-- ``FP32_PARAMS``: class/position/patch embeddings and the LayerNorms (0.2 % of the
+Precision policy (data below, ``PRECISION``, a :class:`~wan_core.layers.PrecisionPolicy`,
+honoured in forward):
+- ``FP32_PARAMS`` (``PRECISION.keep_fp32``): class/position/patch embeddings and the LayerNorms (0.2 % of the
   parameters) are stored float32 whatever the rest is stored in (lossless for fp16 files,
   keeps them out of fp8). The embeddings are used in the compute dtype, as upstream.
 - Every other weight may be stored in any float dtype and is cast to the compute dtype at
@@ -20,20 +21,21 @@ Precision policy (data below, honoured in forward):
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from .configs import CLIPVisionConfig
-from .layers import COMPUTE_DTYPES, CastLinear
+from .layers import CastLinear, PrecisionPolicy
 
+PRECISION = PrecisionPolicy(keep_fp32=("embedding", "norm"))
 #: Parameter-name fragments stored in float32 whatever the storage dtype of the rest.
-FP32_PARAMS: tuple[str, ...] = ("embedding", "norm")
-
-
-def keeps_fp32(name: str) -> bool:
-    """Whether parameter ``name`` (official visual-tower name, no prefix) is stored in float32."""
-    return any(fragment in name for fragment in FP32_PARAMS)
+FP32_PARAMS: tuple[str, ...] = PRECISION.keep_fp32
+#: Whether parameter ``name`` (official visual-tower name, no prefix) is stored in float32.
+keeps_fp32 = PRECISION.keeps_fp32
 
 
 class LayerNorm(nn.LayerNorm):
@@ -55,10 +57,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, N, width]`` -> ``[B, N, width]``."""
-        b, n, c = x.shape
-        q, k, v = self.to_qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = rearrange(self.to_qkv(x), "b l (qkv h d) -> qkv b h l d", qkv=3, h=self.num_heads)
         out = F.scaled_dot_product_attention(q, k, v)          # scale 1/sqrt(head_dim)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
 class AttentionBlock(nn.Module):
@@ -84,6 +85,8 @@ class CLIPVisionTower(nn.Module):
     dtype of the arithmetic; None follows the storage dtype of the Linear weights.
     """
 
+    precision: ClassVar[PrecisionPolicy] = PRECISION
+
     def __init__(self, config: CLIPVisionConfig, *, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if config.width % config.head_dim:
@@ -102,12 +105,7 @@ class CLIPVisionTower(nn.Module):
 
     def resolved_compute_dtype(self) -> torch.dtype:
         """``compute_dtype`` or, when None, the dtype the Linear weights are stored in."""
-        if self.compute_dtype is not None:
-            return self.compute_dtype
-        w = self.transformer[0].attn.to_qkv.weight
-        if w.dtype in COMPUTE_DTYPES:
-            return w.dtype
-        return torch.bfloat16 if w.device.type == "cuda" else torch.float32
+        return self.precision.compute_dtype(self.compute_dtype, self.transformer[0].attn.to_qkv.weight)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, 3, S, S]`` normalised with CLIP mean/std -> features ``[B, N, width]``."""
@@ -156,4 +154,4 @@ def encode_image(model: CLIPVisionTower, images: torch.Tensor) -> torch.Tensor:
     return model(preprocess(images.to(device), model.config))
 
 
-__all__ = ["CLIPVisionTower", "preprocess", "encode_image", "FP32_PARAMS", "keeps_fp32"]
+__all__ = ["CLIPVisionTower", "preprocess", "encode_image", "PRECISION", "FP32_PARAMS", "keeps_fp32"]

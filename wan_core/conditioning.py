@@ -7,6 +7,7 @@ is a plain function of tensors and models, so the nodes, the CLI and the tests s
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -14,14 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .configs import LATENT_CHANNELS, VAE_SPACE_STRIDE, VAE_TIME_STRIDE
+from .errors import NonFiniteError, all_finite, describe_nonfinite_weights
+from .limits import check_size_limits
+
 __all__ = [
     "NEGATIVE_PROMPT", "NEGATIVE_PROMPT_I2V", "NEGATIVE_PROMPT_FLF2V", "TextEmbeds", "ImageEmbeds",
     "check_video_size", "latent_shape", "make_noise", "i2v_size", "image_to_tensor",
-    "i2v_mask", "guide_video", "encode_image_conditioning",
+    "i2v_mask", "guide_video", "encode_image_conditioning", "ConditioningError", "check_conditioning",
 ]
 
-LATENT_CHANNELS = 16
-TIME_STRIDE, SPACE_STRIDE, SIZE_MULTIPLE = 4, 8, 16   # VAE stride (4, 8, 8) x DiT patch (1, 2, 2)
+TIME_STRIDE, SPACE_STRIDE = VAE_TIME_STRIDE, VAE_SPACE_STRIDE   # configs.VAE_STRIDE (4, 8, 8)
+SIZE_MULTIPLE = 16                                               # VAE stride 8 x DiT patch (1, 2, 2)
 
 # Official default negative prompt (used when the negative prompt is empty).
 NEGATIVE_PROMPT = (
@@ -62,22 +67,32 @@ def _nearest(value: int, multiple: int, offset: int = 0) -> tuple[int, int]:
 
 
 def check_video_size(width: int, height: int, frames: int) -> None:
-    """Refuse sizes Wan cannot sample, naming the nearest valid values.
+    """Refuse sizes Wan cannot sample, naming the nearest valid values or the limit.
 
-    Width and height must be multiples of 16 (VAE /8, then 2x2 patches) and at least 16;
-    frames must be 4n+1 (1, 5, ..., 81), the VAE's temporal stride. Nothing is rounded
-    silently: a saved workflow must mean the same video everywhere.
+    Width and height must be multiples of 16 (VAE /8, then 2x2 patches) from 16 to
+    ``MAX_SIZE`` (4096); frames must be 4n+1 (1, 5, ..., 81), the VAE's temporal stride, at
+    most ``MAX_FRAMES`` (1025); see :mod:`wan_core.limits`. Nothing is rounded silently: a
+    saved workflow must mean the same video everywhere. Checks numbers only: no allocation.
     """
     problems = []
     for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or v < SIZE_MULTIPLE or v % SIZE_MULTIPLE:
-            a, b = _nearest(int(v), SIZE_MULTIPLE)
+        if not _whole(v):
+            problems.append(f"{name} must be a whole number of pixels; got {v!r}")
+        elif v < SIZE_MULTIPLE or v % SIZE_MULTIPLE:
+            a, b = _nearest(v, SIZE_MULTIPLE)
             problems.append(f"{name} {v} is not a multiple of 16 (at least 16); use {a} or {b}")
-    if not isinstance(frames, int) or frames < 1 or (frames - 1) % TIME_STRIDE:
-        a, b = _nearest(int(frames), TIME_STRIDE, 1) if frames > 5 else (1, 5)
+    if not _whole(frames):
+        problems.append(f"frames must be a whole number; got {frames!r}")
+    elif frames < 1 or (frames - 1) % TIME_STRIDE:
+        a, b = _nearest(frames, TIME_STRIDE, 1) if frames > 5 else (1, 5)
         problems.append(f"frames {frames} is not 4n+1 (1, 5, 9, ..., 81); use {a} or {b}")
+    problems += check_size_limits(*(v if _whole(v) else 0 for v in (width, height, frames)))
     if problems:
         raise ValueError("; ".join(problems) + ".")
+
+
+def _whole(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def latent_shape(width: int, height: int, frames: int) -> tuple[int, int, int, int]:
@@ -176,20 +191,88 @@ def _match_last_frame(first: Tensor, last: Tensor) -> Tensor:
 
 @torch.no_grad()
 def encode_image_conditioning(vae, clip_vision, image: Tensor, frames: int, width: int, height: int,
-                              end_image: Tensor | None = None) -> ImageEmbeds:
+                              end_image: Tensor | None = None, *, vae_tile: int | str | None = None) -> ImageEmbeds:
     """Build the I2V (or, with ``end_image``, FLF2V) conditioning.
 
     image / end_image: ``[3, H, W]`` in -1..1 at full resolution (see :func:`image_to_tensor`).
     vae: a :class:`~wan_core.vae.WanVAE`; clip_vision: a :class:`~wan_core.clip_vision.CLIPVisionTower`.
+    vae_tile: encode the guide video in tiles of this side (latent px; the memory plan's
+    ``vae_encode_tile``, needed at 720p on 12 GB: the run plan's image-encode stage gives it),
+    "auto" (:func:`~wan_core.vae_tiling.encode_tiled`'s own rule; one tile is the whole
+    encode, bit for bit), or None: encode it whole.
+    Raises :class:`~wan_core.errors.NonFiniteError` when an image, the CLIP features or the VAE
+    latents hold NaN/Inf (the VAE checks every chunk it encodes).
     """
     from .clip_vision import encode_image
 
     check_video_size(width, height, frames)
     lat_h, lat_w = height // SPACE_STRIDE, width // SPACE_STRIDE
+    for img, which in ((image, "start"), (end_image, "end")):
+        if img is not None and not all_finite(img):
+            raise NonFiniteError(f"the {which} image contains NaN/Inf; give an image with values in -1..1.")
     images = [image] if end_image is None else [image, _match_last_frame(image, end_image)]
     feats = torch.cat([encode_image(clip_vision, img[None]) for img in images], dim=1)[0]
+    if not all_finite(feats):
+        cause = describe_nonfinite_weights(clip_vision, "CLIP vision") or (
+            "fp16 overflow in CLIP vision: load it in bf16 or fp32")
+        raise NonFiniteError(f"the CLIP vision features of the image contain NaN/Inf. Likely cause: {cause}.")
     guide = guide_video(images[0], frames, height, width, images[1] if end_image is not None else None)
-    latents = vae.encode(guide[None])[0].float().cpu()
+    if vae_tile is None:
+        latents = vae.encode(guide[None])[0].float().cpu()
+    else:
+        from .vae_tiling import encode_tiled
+
+        latents = encode_tiled(vae, guide[None], tile=vae_tile)[0].float().cpu()
     mask = i2v_mask(frames, lat_h, lat_w, last_frame=end_image is not None)
     return ImageEmbeds(y=torch.cat([mask, latents]), clip_fea=feats.float().cpu(), width=width, height=height,
                        frames=frames)
+
+
+class ConditioningError(ValueError):
+    """The conditioning does not fit the model (an image for a T2V model, no end image for
+    FLF2V, input latents of another size); the message says which and what to give instead."""
+
+
+def _has_end_image(image: ImageEmbeds) -> bool:
+    """Whether ``image`` carries a last frame: the mask of the last latent frame is set (FLF2V)."""
+    return image.y.shape[1] > 1 and bool(image.y[:4, -1].eq(1).any())
+
+
+def _pixels(shape) -> str:
+    return f"{shape[-1] * SPACE_STRIDE}x{shape[-2] * SPACE_STRIDE}, {(shape[-3] - 1) * TIME_STRIDE + 1} frames"
+
+
+def check_conditioning(cfg, image: ImageEmbeds | bool | None = None, *, end_image: bool | None = None,
+                       shape: tuple[int, ...] | None = None,
+                       init_shape: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+    """Check that a DiT of ``cfg`` can run on this conditioning; return the latent shape
+    ``(16, T', H/8, W/8)`` it implies (None when nothing gives one).
+
+    image: the I2V / FLF2V :class:`ImageEmbeds` (or True when a start image is still to be
+    encoded); end_image: whether a last frame is given (default: read from ``image``'s mask);
+    shape: the T2V latent shape; init_shape: the shape of V2V input latents, which must equal
+    the shape of the run. Raises :class:`ConditioningError`.
+    """
+    v = cfg.variant
+    has_image = image is not None and image is not False
+    has_end = bool(end_image) if end_image is not None else (
+        isinstance(image, ImageEmbeds) and _has_end_image(image))
+    if has_end and not has_image:
+        raise ConditioningError("end_image needs a start image too (first-last-frame to video).")
+    if cfg.has_image_input and not has_image:
+        raise ConditioningError(f"{v} is an image-to-video model: pass image=... to give it a start image.")
+    if not cfg.has_image_input and has_image:
+        raise ConditioningError(f"{v} is a text-to-video model; it takes no image. Use an I2V model, or run "
+                                "without a start image.")
+    if has_end and cfg.model_type != "flf2v":
+        raise ConditioningError(f"{v} is not a first-last-frame model: end_image needs an FLF2V model.")
+    if not has_end and cfg.model_type == "flf2v" and has_image:
+        raise ConditioningError(f"{v} is a first-last-frame (FLF2V) model: give it an end image too (end_image).")
+    if isinstance(image, ImageEmbeds):
+        shape = (LATENT_CHANNELS, *image.y.shape[-3:])
+    elif shape is None and init_shape is not None:
+        shape = tuple(init_shape)
+    if init_shape is not None and shape is not None and tuple(init_shape) != tuple(shape):
+        raise ConditioningError(f"the input latents are {_pixels(init_shape)} but the run is {_pixels(shape)}: "
+                                "make them the same size.")
+    return None if shape is None else tuple(shape)

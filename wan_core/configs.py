@@ -9,6 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DIT_HEAD_DIM = 128  # every published Wan 2.1 DiT; no tensor stores the head count
+# The Wan 2.1 VAE's latent space, shared by the VAE, the DiT, conditioning, tiling, planner
+# and nodes: 16 channels; stride 4 in time (4n+1 pixel frames <-> n+1 latent frames, the
+# first frame alone) and 8 in height and width.
+LATENT_CHANNELS = 16
+VAE_TIME_STRIDE = 4
+VAE_SPACE_STRIDE = 8
+VAE_STRIDE: tuple[int, int, int] = (VAE_TIME_STRIDE, VAE_SPACE_STRIDE, VAE_SPACE_STRIDE)
 
 
 @dataclass(frozen=True)
@@ -18,8 +25,8 @@ class DiTConfig:
     dim: int
     ffn_dim: int
     num_layers: int
-    in_dim: int = 16
-    out_dim: int = 16
+    in_dim: int = LATENT_CHANNELS
+    out_dim: int = LATENT_CHANNELS
     text_dim: int = 4096
     freq_dim: int = 256
     text_len: int = 512
@@ -29,6 +36,10 @@ class DiTConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
     head_dim: int = DIT_HEAD_DIM
+    # VACE (wan_core.vace): the base layers hint i is added after, one per vace block (() = no
+    # VACE branch), and the input width of vace_patch_embedding (16 + 16 latents + 64 mask)
+    vace_layers: tuple[int, ...] = ()
+    vace_in_dim: int = 96
 
     @property
     def num_heads(self) -> int:
@@ -43,16 +54,17 @@ class DiTConfig:
         """Published name when the shapes match one, else a descriptive string."""
         for name, known in KNOWN_DIT.items():
             if _same_arch(known, self):
-                return name
-        return f"custom-{self.model_type}(dim={self.dim}, layers={self.num_layers}, in={self.in_dim})"
+                return name if not self.vace_layers else "VACE-" + name.split("-", 1)[1]
+        vace = f", vace={len(self.vace_layers)}" if self.vace_layers else ""
+        return f"custom-{self.model_type}(dim={self.dim}, layers={self.num_layers}, in={self.in_dim}{vace})"
 
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Wan 2.1 causal 3D VAE (stride 4 in time, 8 in space)."""
+    """Wan 2.1 causal 3D VAE (stride ``VAE_STRIDE``: 4 in time, 8 in space)."""
 
     dim: int = 96
-    z_dim: int = 16
+    z_dim: int = LATENT_CHANNELS
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (False, True, True)
@@ -133,4 +145,5 @@ VAE_LATENT_STD: tuple[float, ...] = (
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
 __all__ = ["DiTConfig", "VAEConfig", "T5Config", "CLIPVisionConfig", "KNOWN_DIT",
-           "VAE_LATENT_MEAN", "VAE_LATENT_STD", "DIT_HEAD_DIM"]
+           "VAE_LATENT_MEAN", "VAE_LATENT_STD", "DIT_HEAD_DIM", "LATENT_CHANNELS", "VAE_TIME_STRIDE",
+           "VAE_SPACE_STRIDE", "VAE_STRIDE"]

@@ -18,9 +18,11 @@ split so a block-swap engine can run the blocks one at a time):
    the modulation
 6. head: modulated LayerNorm + Linear to 64 features per token, unpatchify
 
-Precision policy (written once, here, as data):
-- ``FP32_PARAMS``: parameters whose name contains one of these fragments stay float32 in
-  storage whatever dtype the rest of the model is stored in, and are computed in float32.
+Precision policy (written once, here, as data: ``PRECISION``, a
+:class:`~wan_core.layers.PrecisionPolicy`, also ``WanDiT.precision``):
+- ``FP32_PARAMS`` (``PRECISION.keep_fp32``): parameters whose name contains one of these
+  fragments stay float32 in storage whatever dtype the rest of the model is stored in, and
+  are computed in float32.
   They are what the official code runs in fp32 under its bf16 autocast (time MLPs,
   modulation, norms, head) plus ``patch_embedding`` (ComfyUI keeps it fp32 too; the official
   autocast would run that conv in bf16) and the two LayerNorms / position embedding of
@@ -39,27 +41,28 @@ Precision policy (written once, here, as data):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import attention
+from .attention import BACKENDS, attention
 from .configs import DiTConfig
-from .layers import COMPUTE_DTYPES, CastLinear
+from .layers import CastLinear, PrecisionPolicy
 
-FP32_PARAMS: tuple[str, ...] = (
+PRECISION = PrecisionPolicy(keep_fp32=(
     "patch_embedding", "time_embedding", "time_projection", "modulation", "norm",
     "head.head", "img_emb.proj.0.", "img_emb.proj.4.", "img_emb.emb_pos",
-)
+))
+FP32_PARAMS: tuple[str, ...] = PRECISION.keep_fp32
+#: Whether parameter ``name`` (official DiT name) is stored and computed in float32.
+keeps_fp32 = PRECISION.keeps_fp32
 ROPE_DTYPE: torch.dtype = torch.float32
 ROPE_THETA = 10000.0
-
-
-def keeps_fp32(name: str) -> bool:
-    """Whether parameter ``name`` (official DiT name) is stored and computed in float32."""
-    return any(fragment in name for fragment in FP32_PARAMS)
 
 
 # --------------------------------------------------------------------------- layers
@@ -122,17 +125,60 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
+RIFLEX_K = 6   # published intrinsic temporal frequency index for Wan 2.1 (1-based; Wan2GP, WanVideoWrapper)
+RIFLEX_MARGIN = 0.9   # RIFLEx keeps the extrapolated length below 90 % of one period
+
+
+@dataclass(frozen=True)
+class RopeOptions:
+    """How one DiT call places its tokens in RoPE space (explicit per-call data).
+
+    time_offset: latent-frame position of the first frame (0 = the clip starts at 0; a
+        context window with global positions passes its start frame).
+    riflex_k: RIFLEx (Zhao et al. 2025, arXiv 2502.15894): 1-based index of the temporal
+        frequency to lower (0 = off; published for Wan 2.1: :data:`RIFLEX_K` = 6).
+    riflex_length: L' in latent frames (the whole video); that frequency becomes
+        ``0.9 * 2 pi / L'`` so the positions 0..L'-1 stay within 90 % of one period.
+    """
+
+    time_offset: int = 0
+    riflex_k: int = 0
+    riflex_length: int = 0
+
+    def __post_init__(self) -> None:
+        if self.time_offset < 0:
+            raise ValueError(f"time_offset must be >= 0 latent frames; got {self.time_offset}")
+        if self.riflex_k < 0 or (self.riflex_k and self.riflex_length < 1):
+            raise ValueError(f"RIFLEx needs k >= 1 and the video length in latent frames >= 1; got "
+                             f"k={self.riflex_k}, length={self.riflex_length} (k=0 turns it off)")
+
+
+def rope_frequencies(d: int, device: torch.device | None = None, riflex_k: int = 0,
+                     riflex_length: int = 0) -> Tensor:
+    """Inverse frequencies ``theta^(-2i/d)`` ``[d/2]`` float64 of one axis; with RIFLEx
+    (``riflex_k`` >= 1) entry ``k-1`` becomes ``0.9 * 2 pi / riflex_length``."""
+    inv = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+    if riflex_k:
+        if riflex_k > inv.numel():
+            raise ValueError(f"RIFLEx index k={riflex_k} is beyond the {inv.numel()} temporal frequencies")
+        inv[riflex_k - 1] = RIFLEX_MARGIN * 2 * math.pi / riflex_length
+    return inv
+
+
 def rope_tables(grid: tuple[int, int, int], head_dim: int, device: torch.device,
-                dtype: torch.dtype = ROPE_DTYPE) -> tuple[Tensor, Tensor]:
+                dtype: torch.dtype = ROPE_DTYPE, options: RopeOptions | None = None) -> tuple[Tensor, Tensor]:
     """cos/sin tables ``[L, 1, head_dim/2]`` for a patch grid ``(F', H', W')``, L = F'H'W'.
 
-    Positions are patch-grid indices from 0 on each axis; each axis has its own frequencies
-    ``theta^(-2i/d_axis)``. Built in float64 (official), returned in ``dtype``.
+    Positions are patch-grid indices from 0 on each axis (time from ``options.time_offset``);
+    each axis has its own frequencies ``theta^(-2i/d_axis)`` (time: RIFLEx may lower one, see
+    :class:`RopeOptions`). Built in float64 (official), returned in ``dtype``.
     """
+    opt = options if options is not None else RopeOptions()
     angles = []
-    for n, d in zip(grid, rope_axis_dims(head_dim)):
-        inv = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
-        angles.append(torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv))
+    for axis, (n, d) in enumerate(zip(grid, rope_axis_dims(head_dim))):
+        inv = rope_frequencies(d, device, *((opt.riflex_k, opt.riflex_length) if axis == 0 else (0, 0)))
+        start = opt.time_offset if axis == 0 else 0
+        angles.append(torch.outer(torch.arange(start, start + n, dtype=torch.float64, device=device), inv))
     f, h, w = grid
     a = torch.cat([angles[0][:, None, None].expand(f, h, w, -1),
                    angles[1][None, :, None].expand(f, h, w, -1),
@@ -186,6 +232,22 @@ class BlockInputs:
     grid: tuple[int, int, int]   # patch grid (F', H', W'), L = F'*H'*W'
     compute_dtype: torch.dtype
     attention_backend: str
+    # indices of blocks the executor passes over (Skip Layer Guidance's uncond pass); read by
+    # the executors, never by a block, so compiled blocks keep one graph
+    skip_blocks: frozenset[int] = frozenset()
+    # self-attention op ``(q, k, v, backend) -> out`` over [B, L, H, D]; None = attention.attention.
+    # Sequence parallelism (wan_core.distributed) passes one that attends across the ranks.
+    self_attention: Callable[[Tensor, Tensor, Tensor, str], Tensor] | None = None
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    """``[B, L, heads*D]`` -> ``[B, L, heads, D]`` (a view), the layout ``attention`` takes."""
+    return rearrange(x, "b l (h d) -> b l h d", h=heads)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """``[B, L, heads, D]`` (any strides) -> ``[B, L, heads*D]``, heads outermost in features."""
+    return rearrange(x, "b l h d -> b l (h d)")
 
 
 class SelfAttention(nn.Module):
@@ -200,13 +262,13 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, inp: BlockInputs) -> Tensor:
         """``x`` ``[B, L, dim]`` (any float dtype) -> ``[B, L, dim]`` compute dtype."""
-        b, n_tok, _ = x.shape
-        cd, heads = inp.compute_dtype, (self.num_heads, -1)
+        cd, heads = inp.compute_dtype, self.num_heads
         x = x.to(cd)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), *inp.rope).to(cd)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), *inp.rope).to(cd)
-        v = self.v(x).unflatten(2, heads)
-        return self.o(attention(q, k, v, inp.attention_backend).reshape(b, n_tok, -1))
+        q = apply_rope(_split_heads(self.norm_q(self.q(x)), heads), *inp.rope).to(cd)
+        k = apply_rope(_split_heads(self.norm_k(self.k(x)), heads), *inp.rope).to(cd)
+        v = _split_heads(self.v(x), heads)
+        attend = attention if inp.self_attention is None else inp.self_attention
+        return self.o(_merge_heads(attend(q, k, v, inp.attention_backend)))
 
 
 class CrossAttention(nn.Module):
@@ -228,21 +290,20 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, inp: BlockInputs) -> Tensor:
         """``x`` ``[B, L, dim]`` -> ``[B, L, dim]`` compute dtype."""
-        b, n_tok, _ = x.shape
-        cd, heads = inp.compute_dtype, (self.num_heads, -1)
-        q = self.norm_q(self.q(x.to(cd))).to(cd).unflatten(2, heads)
+        cd, heads = inp.compute_dtype, self.num_heads
+        q = _split_heads(self.norm_q(self.q(x.to(cd))).to(cd), heads)
         ctx = inp.context.to(cd)
-        k = self.norm_k(self.k(ctx)).to(cd).unflatten(2, heads)
-        v = self.v(ctx).unflatten(2, heads)
+        k = _split_heads(self.norm_k(self.k(ctx)).to(cd), heads)
+        v = _split_heads(self.v(ctx), heads)
         out = attention(q, k, v, inp.attention_backend)
         if hasattr(self, "k_img"):
             if inp.context_img is None:
                 raise ValueError("this DiT is an image-conditioned model (i2v/flf2v) and needs clip_fea")
             img = inp.context_img.to(cd)
-            k_img = self.norm_k_img(self.k_img(img)).to(cd).unflatten(2, heads)
-            v_img = self.v_img(img).unflatten(2, heads)
+            k_img = _split_heads(self.norm_k_img(self.k_img(img)).to(cd), heads)
+            v_img = _split_heads(self.v_img(img), heads)
             out = out + attention(q, k_img, v_img, inp.attention_backend)
-        return self.o(out.reshape(b, n_tok, -1))
+        return self.o(_merge_heads(out))
 
 
 class WanBlock(nn.Module):
@@ -266,11 +327,14 @@ class WanBlock(nn.Module):
 
     def forward(self, x: Tensor, inp: BlockInputs) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + inp.e0).chunk(6, dim=1)
-        h = _modulate(x, shift1, scale1, self.eps)
-        x = x + self.self_attn(h, inp) * gate1
-        x = x + self.cross_attn(self.norm3(x), inp)
-        h = _modulate(x, shift2, scale2, self.eps)
-        return x + self.ffn(h.to(inp.compute_dtype)) * gate2
+        cd = inp.compute_dtype
+        # Each float32 norm output is cast to the compute dtype here, where it dies at once,
+        # instead of inside the callee while this frame still holds it: the same casts in the
+        # same order (bit-identical), one float32 [L, dim] fewer in each phase of the block
+        # (wan_core.memsim: a 14B step's activations at 480p x 81 went from 4.74 to 3.93 GiB).
+        x = x + self.self_attn(_modulate(x, shift1, scale1, self.eps).to(cd), inp) * gate1
+        x = x + self.cross_attn(self.norm3(x).to(cd), inp)
+        return x + self.ffn(_modulate(x, shift2, scale2, self.eps).to(cd)) * gate2
 
 
 class Head(nn.Module):
@@ -298,12 +362,17 @@ class WanDiT(nn.Module):
         cfg: architecture (usually inferred from checkpoint shapes).
         compute_dtype: dtype of the attention/FFN/text Linears; None = the storage dtype of
             those weights (see the module docstring).
-        attention_backend: "auto", "sdpa", "sage" or "flash" (see ``wan_core.attention``).
+        attention_backend: one of :data:`wan_core.attention.BACKENDS` ("auto", "sdpa", "sage",
+            "flash"); read by every forward (``BlockInputs.attention_backend``).
     """
+
+    precision: ClassVar[PrecisionPolicy] = PRECISION
 
     def __init__(self, cfg: DiTConfig, *, compute_dtype: torch.dtype | None = None,
                  attention_backend: str = "sdpa") -> None:
         super().__init__()
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {attention_backend!r}; choose one of {', '.join(BACKENDS)}")
         if cfg.dim % cfg.head_dim or cfg.head_dim % 2:
             raise ValueError(f"DiT dim {cfg.dim} must be a multiple of head_dim {cfg.head_dim} (even)")
         if cfg.model_type == "flf2v" and cfg.image_pos_len <= 0:
@@ -328,29 +397,20 @@ class WanDiT(nn.Module):
 
     def resolved_compute_dtype(self) -> torch.dtype:
         """``compute_dtype`` or, when None, the dtype the Linear weights are stored in."""
-        if self.compute_dtype is not None:
-            return self.compute_dtype
-        w = self.text_embedding[0].weight
-        if w.dtype in COMPUTE_DTYPES:
-            return w.dtype
-        return torch.bfloat16 if w.device.type == "cuda" else torch.float32
+        return self.precision.compute_dtype(self.compute_dtype, self.text_embedding[0].weight)
 
     def cast_storage(self, dtype: torch.dtype) -> WanDiT:
         """Store parameters in ``dtype`` except those of ``FP32_PARAMS`` (kept float32).
 
         Refuses an fp8-stored model: casting its weights without their ``scale_weight`` would
-        change the model (reload with the wanted ``dtype`` instead)."""
-        if any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in self.parameters()):
-            raise ValueError("cast_storage: this DiT stores fp8 weights; reload it with load_dit(path, dtype=...) "
-                             "to change the storage dtype.")
-        for name, p in self.named_parameters():
-            p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
+        change the model (reload with ``load_dit(path, dtype=...)`` instead)."""
+        self.precision.cast_storage(self, dtype)
         return self
 
     # -- forward in three parts ------------------------------------------------------
 
     def prepare(self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None,
-                y: Tensor | None = None) -> tuple[Tensor, BlockInputs]:
+                y: Tensor | None = None, *, rope: RopeOptions | None = None) -> tuple[Tensor, BlockInputs]:
         """Steps 1-4: tokens ``[B, L, dim]`` float32 and the per-call :class:`BlockInputs`.
 
         Arguments as in :meth:`forward`.
@@ -365,7 +425,7 @@ class WanDiT(nn.Module):
         w, b = self.patch_embedding.weight, self.patch_embedding.bias
         tokens = F.conv3d(x.float(), w.float(), b.float(), stride=cfg.patch_size)
         grid = tuple(tokens.shape[2:])
-        tokens = tokens.flatten(2).transpose(1, 2).contiguous()
+        tokens = rearrange(tokens, "b c f h w -> b (f h w) c").contiguous()
 
         # 2. time, float32 from a float64 sinusoid
         e = self.time_embedding(sinusoidal_embedding(t.reshape(-1).to(x.device), cfg.freq_dim))
@@ -378,8 +438,8 @@ class WanDiT(nn.Module):
         # 4. image tokens
         ctx_img = self.img_emb(clip_fea, cd) if clip_fea is not None else None
 
-        rope = rope_tables(grid, cfg.head_dim, tokens.device, self.rope_dtype)
-        inputs = BlockInputs(e0=e0, e=e, context=ctx, context_img=ctx_img, rope=rope, grid=grid,
+        tables = rope_tables(grid, cfg.head_dim, tokens.device, self.rope_dtype, rope)
+        inputs = BlockInputs(e0=e0, e=e, context=ctx, context_img=ctx_img, rope=tables, grid=grid,
                              compute_dtype=cd, attention_backend=self.attention_backend)
         return tokens, inputs
 
@@ -388,13 +448,12 @@ class WanDiT(nn.Module):
         out = self.head(x, inputs.e)
         f, h, w = inputs.grid
         pt, ph, pw = self.cfg.patch_size
-        # 64 features per token are ordered (pt, ph, pw, c) with c fastest
-        out = out.reshape(out.shape[0], f, h, w, pt, ph, pw, self.cfg.out_dim)
-        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return out.reshape(out.shape[0], self.cfg.out_dim, f * pt, h * ph, w * pw).float()
+        # tokens in (f, h, w) order; the 64 features of a token are (pt, ph, pw, c), c fastest
+        return rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
+                         f=f, h=h, w=w, pt=pt, ph=ph, pw=pw).float()
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None,
-                y: Tensor | None = None) -> Tensor:
+                y: Tensor | None = None, *, rope: RopeOptions | None = None) -> Tensor:
         """Predict the flow-matching velocity (noise - x0).
 
         Args:
@@ -406,11 +465,12 @@ class WanDiT(nn.Module):
                 last-frame tokens concatenated ``[B, 2*257, clip_dim]``. None for t2v.
             y: i2v/flf2v conditioning ``[B, in_dim-16, F, H, W]`` (mask 4 + VAE latents 16),
                 concatenated to ``x`` on channels.
+            rope: token positions / RIFLEx (:class:`RopeOptions`); None = the official ones.
 
         Returns:
             ``[B, out_dim, F, H, W]`` float32.
         """
-        tokens, inputs = self.prepare(x, t, context, clip_fea, y)
+        tokens, inputs = self.prepare(x, t, context, clip_fea, y, rope=rope)
         for block in self.blocks:
             tokens = block(tokens, inputs)
         return self.finish(tokens, inputs)
@@ -450,5 +510,5 @@ class WanDiT(nn.Module):
             raise ValueError(f"{cfg.variant} is a text-to-video model and takes no clip_fea")
 
 
-__all__ = ["WanDiT", "BlockInputs", "FP32_PARAMS", "ROPE_DTYPE", "keeps_fp32", "rope_tables",
-           "apply_rope", "sinusoidal_embedding", "rope_axis_dims"]
+__all__ = ["WanDiT", "BlockInputs", "RopeOptions", "RIFLEX_K", "rope_frequencies", "PRECISION", "FP32_PARAMS",
+           "ROPE_DTYPE", "keeps_fp32", "rope_tables", "apply_rope", "sinusoidal_embedding", "rope_axis_dims"]

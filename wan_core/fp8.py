@@ -18,7 +18,7 @@ tests/unit/test_fp8_storage.py).
 Compute: weights are upcast per call (:func:`dequantize`), which is exact: the result equals
 ``(weight.float() * scale).to(dtype)``, the value a model stored with the dequantised float32
 weights would use. ``torch._scaled_mm`` (true fp8 matmul) is opt-in through
-:func:`enable_fp8_matmul` and only on CUDA devices with compute capability >= 8.9 (Ada,
+:func:`wan_core.layers.enable_fp8_matmul` and only on CUDA devices with compute capability >= 8.9 (Ada,
 Hopper and newer); it changes the numbers (the activations are quantised too), so it is
 never the default.
 """
@@ -30,14 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FP8_DTYPES", "WEIGHT_DTYPES", "parse_weight_dtype", "is_fp8", "quantize", "dequantize",
-           "fp8_matmul_supported", "enable_fp8_matmul", "scaled_mm_linear", "fp8_stats"]
+__all__ = ["FP8_DTYPES", "WEIGHT_DTYPES", "parse_weight_dtype", "is_fp8", "quantize", "dequantize", "all_finite",
+           "fp8_matmul_supported", "scaled_mm_linear", "fp8_stats"]
 
 FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Names accepted for ``weight_dtype`` by the loaders.
 WEIGHT_DTYPES: dict[str, torch.dtype | None] = {
     "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "keep": None,
 }
+# Explicit mantissa bits of each format (torch.finfo does not give them).
+_MANTISSA_BITS: dict[torch.dtype, int] = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}
 # _scaled_mm needs dims that are multiples of 16.
 _MM_ALIGN = 16
 _WARNED: set[str] = set()
@@ -60,34 +62,88 @@ def parse_weight_dtype(value: str | torch.dtype | None) -> str | None:
 
 
 def is_fp8(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is an fp8 storage dtype (float8_e4m3fn / float8_e5m2)."""
     return dtype in FP8_DTYPES
 
 
-def quantize(weight: Tensor, fmt: torch.dtype = torch.float8_e4m3fn, scaled: bool = True) -> tuple[Tensor, Tensor | None]:
+def quantize(weight: Tensor, fmt: torch.dtype = torch.float8_e4m3fn, scaled: bool = True,
+             stochastic_seed: int | None = None) -> tuple[Tensor, Tensor | None]:
     """One tensor -> (fp8 tensor, float32 0-d scale or None).
 
     scaled: ``q = clamp(w / s).to(fmt)`` with ``s = absmax(w) / max(fmt)`` (1.0 for an all-zero
     tensor), so ``q.float() * s`` approximates ``w``; unscaled: ``clamp(w).to(fmt)`` (fp8
     casts do not saturate, hence the clamp). Computed in float32 on ``weight``'s device.
+
+    Rounding is to nearest unless ``stochastic_seed`` is given: then each value rounds up or
+    down with probability proportional to its distance (unbiased), reproducibly for a seed
+    (:func:`_stochastic_round`; the LoRA merge into fp8 weights uses it).
     """
-    if fmt not in FP8_DTYPES:
+    if not is_fp8(fmt):
         raise ValueError(f"{fmt} is not an fp8 dtype")
     big = torch.finfo(fmt).max
     w = weight.to(torch.float32, copy=True)   # a copy: the in-place ops below must not touch weight
-    if not scaled:
-        return w.clamp_(-big, big).to(fmt), None
-    amax = w.abs().max()
-    scale = (amax / big if amax > 0 else torch.ones((), device=w.device)).to(torch.float32).reshape(())
-    return w.div_(scale).clamp_(-big, big).to(fmt), scale
+    scale = None
+    if scaled:
+        amax = w.abs().max()
+        scale = (amax / big if amax > 0 else torch.ones((), device=w.device)).to(torch.float32).reshape(())
+        w.div_(scale)
+    w.clamp_(-big, big)
+    if stochastic_seed is not None:
+        w = _stochastic_round(w, fmt, stochastic_seed)
+    return w.to(fmt), scale
+
+
+def _stochastic_round(w: Tensor, fmt: torch.dtype, seed: int) -> Tensor:
+    """float32 ``w`` (within ``fmt``'s range) -> float32 values that cast to ``fmt`` exactly,
+    rounded stochastically: uniform noise below the fp8 mantissa is added to the float32 bits,
+    which are then truncated (sign-magnitude bits, so the magnitude rounds, either sign). In
+    the fp8 subnormal range the final cast still rounds to nearest."""
+    drop = 23 - _MANTISSA_BITS[fmt]           # float32 mantissa bits below the fp8 mantissa
+    gen = torch.Generator(device=w.device).manual_seed(seed)
+    noise = torch.randint(0, 1 << drop, w.shape, generator=gen, device=w.device, dtype=torch.int32)
+    bits = (w.contiguous().view(torch.int32) + noise) & ~((1 << drop) - 1)
+    big = torch.finfo(fmt).max
+    return bits.view(torch.float32).clamp(-big, big)
 
 
 def dequantize(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
     """The real weight in ``dtype``: ``(weight.float() * scale).to(dtype)`` (exact upcast, one
-    rounding at the end; fp8 -> float32 is exact)."""
-    w = weight.to(torch.float32)
+    rounding at the end; fp8 -> float32 is exact). Never modifies ``weight``; without a scale
+    a float32 ``weight`` asked for in float32 is returned as it is (not copied)."""
+    w = weight.to(torch.float32, copy=scale is not None)   # the scale is applied in place below
     if scale is not None:
         w = w.mul_(scale.to(device=w.device, dtype=torch.float32))
     return w if dtype == torch.float32 else w.to(dtype)
+
+
+# Smallest non-finite bit pattern with the sign bit clear: e4m3fn has no Inf and one NaN
+# (S.1111.111); e5m2 is IEEE-like (exponent 11111 is Inf or NaN). Every larger 7-bit pattern
+# is non-finite too.
+_NON_FINITE_BITS: dict[torch.dtype, int] = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+
+
+def all_finite(weight: Tensor, scale: Tensor | None = None) -> bool:
+    """Whether the real weight ``weight.float() * scale`` holds no NaN/Inf (fp8 ``weight``).
+
+    Reads the bytes, without a temporary (used by the loader's finiteness check; ~40x faster
+    than an upcast on CPU): a positive non-finite value is an int8 >= the pattern, a negative
+    one a uint8 >= 0x80 | pattern. Then the scale: finite fp8 values times a finite scale
+    overflow only when ``max(fmt) * |scale|`` does, and only then is the weight dequantised.
+    """
+    if weight.numel() == 0:
+        return scale is None or bool(torch.isfinite(scale).all())
+    pattern = _NON_FINITE_BITS[weight.dtype]
+    raw = weight.view(torch.uint8)
+    if int(raw.view(torch.int8).amax()) >= pattern or int(raw.amax()) >= 0x80 | pattern:
+        return False
+    if scale is None:
+        return True
+    s = scale.detach().to(torch.float32)
+    if not bool(torch.isfinite(s).all()):
+        return False
+    if bool(torch.isfinite(s.abs().max() * torch.finfo(weight.dtype).max)):
+        return True
+    return bool(torch.isfinite(dequantize(weight, scale, torch.float32)).all())
 
 
 # --------------------------------------------------------------------------- fp8 matmul
@@ -109,27 +165,6 @@ def fp8_matmul_supported(device: torch.device | str) -> tuple[bool, str]:
                        "(RTX 40xx / Ada, H100 / Hopper or newer). fp8 weights still work: they are "
                        "upcast per layer")
     return True, "ok"
-
-
-def enable_fp8_matmul(model: nn.Module, device: torch.device | str, enabled: bool = True) -> int:
-    """Let the fp8-stored CastLinears of ``model`` use ``torch._scaled_mm`` on ``device``.
-
-    Raises ``RuntimeError`` with the reason when ``device`` cannot do fp8 matmul (never
-    silently on an RTX 30xx). Returns the number of layers switched. ``enabled=False``
-    switches back to the exact per-call upcast.
-    """
-    from .layers import CastLinear
-
-    if enabled:
-        ok, reason = fp8_matmul_supported(device)
-        if not ok:
-            raise RuntimeError(f"cannot enable fp8 matmul: {reason}.")
-    n = 0
-    for m in model.modules():
-        if isinstance(m, CastLinear) and is_fp8(m.weight.dtype):
-            m.fp8_matmul = enabled
-            n += 1
-    return n
 
 
 def _warn_once(key: str, msg: str) -> None:

@@ -10,15 +10,29 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Union
 
 import torch
 
 from .configs import CLIPVisionConfig, DiTConfig, T5Config, VAEConfig
-from .files import CheckpointError, TensorFile
+from .files import CheckpointError, TensorFile, shown
+from .fp8 import is_fp8
 
-__all__ = ["Recipe", "Detected", "detect", "KIND_NAMES", "Config"]
+__all__ = ["Recipe", "Detected", "detect", "KIND_NAMES", "Config", "MAX_DIT_BLOCKS", "MAX_T5_BLOCKS",
+           "MAX_CLIP_LAYERS", "MAX_VAE_DOWNSAMPLES", "MAX_VAE_STAGES", "MAX_CONFIG_SIZE"]
+
+# Limits on what shapes and key names may imply, checked before any module is built (a 0-byte
+# tensor named ``blocks.10000000.x`` must not build ten million blocks). Published models:
+# 30 / 40 DiT blocks (1.3B / 14B), 24 umT5 blocks, 32 CLIP layers, 11 VAE encoder
+# downsample entries in 4 stages, no inferred size above 256,384 (the umT5 vocabulary).
+MAX_DIT_BLOCKS = 64
+MAX_T5_BLOCKS = 64
+MAX_CLIP_LAYERS = 64
+MAX_VAE_DOWNSAMPLES = 64          # entries of encoder.downsamples (residuals + resamples)
+MAX_VAE_STAGES = 8
+MAX_CONFIG_SIZE = 2**20           # any width, vocabulary or length read from a shape
 
 Config = Union[DiTConfig, VAEConfig, T5Config, CLIPVisionConfig]
 
@@ -28,8 +42,6 @@ KIND_NAMES = {
     "t5": ("a umT5-XXL text encoder", "models/text_encoders"),
     "clip_vision": ("a CLIP ViT-H/14 vision encoder", "models/clip_vision"),
 }
-
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
@@ -51,7 +63,7 @@ class Detected:
     """The result of :func:`detect`: kind, layout, config and the key recipes."""
 
     kind: str                      # "dit" | "vae" | "t5" | "clip_vision"
-    layout: str                    # "official" | "comfy" (prefixed) | "diffusers" | "hf"
+    layout: str                    # "official" | "comfy" (prefixed) | "diffusers" | "hf" | "gguf"
     config: Config
     recipes: dict[str, Recipe]     # internal name -> how to read it
     quant: str = "none"            # "none" | "fp8_e4m3fn" | "fp8_e5m2" | "scaled_fp8_e4m3fn" | ...
@@ -72,8 +84,21 @@ def detect(tf: TensorFile) -> Detected:
     """Identify ``tf``'s kind and layout, infer its config and map its keys.
 
     Raises :class:`CheckpointError` naming the file for anything that is not a Wan 2.1
-    network we can load (LoRA, Wan 2.2, other model families, unknown layouts).
+    network we can load (LoRA, Wan 2.2, other model families, unknown layouts, malformed
+    or inconsistent shapes and layer numbers).
     """
+    try:
+        return _detect(tf)
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError, AttributeError, NameError) as err:
+        # A check below missed a malformed file: still a CheckpointError naming it.
+        raise CheckpointError(f"{tf.path.name}: the tensors do not form a consistent Wan 2.1 network "
+                              f"({type(err).__name__} while reading shapes); the file is corrupt or "
+                              "of an unsupported variant.") from err
+
+
+def _detect(tf: TensorFile) -> Detected:
     keys = set(tf.keys())
     name = tf.path.name
     if not keys:
@@ -91,11 +116,13 @@ def detect(tf: TensorFile) -> Detected:
     if any(k.startswith("encoder.block.") for k in keys) and (
             "shared.weight" in keys or "encoder.embed_tokens.weight" in keys):
         return _detect_t5_hf(tf)
+    if "token_embd.weight" in keys and any(k.startswith("enc.blk.") for k in keys):
+        return _detect_t5_gguf(tf)
     if "visual.cls_embedding" in keys or "cls_embedding" in keys and "transformer.0.attn.to_qkv.weight" in keys:
         return _detect_clip_official(tf)
     if "vision_model.embeddings.class_embedding" in keys:
         return _detect_clip_hf(tf)
-    sample = ", ".join(sorted(keys)[:8])
+    sample = ", ".join(shown(k) for k in sorted(keys)[:8])
     raise CheckpointError(
         f"{name}: unknown checkpoint layout: it is not a Wan 2.1 DiT, VAE, umT5 text encoder or "
         f"CLIP vision model in any layout this loader knows. First keys: {sample}.")
@@ -112,8 +139,6 @@ def _refuse_known_others(name: str, keys: set[str]) -> None:
     if any(".lora_up." in k or ".lora_down." in k or ".lora_A." in k or ".lora_B." in k for k in keys):
         raise CheckpointError(f"{name} is a LoRA, not a base model. Load a Wan 2.1 model here and "
                               "apply the LoRA with a LoRA node.")
-    if any(k.endswith("vace_patch_embedding.weight") for k in keys):
-        raise CheckpointError(f"{name} is a Wan VACE model, which Wan Core does not support yet.")
     if any("decoder.upsamples.0.upsamples.0.residual.2.weight" in k for k in keys):
         raise CheckpointError(f"{name} is the Wan 2.2 VAE (48 latent channels); Wan 2.1 models need "
                               "wan_2.1_vae.safetensors (16 latent channels).")
@@ -122,14 +147,56 @@ def _refuse_known_others(name: str, keys: set[str]) -> None:
     for k in keys:
         for marker in flux:
             if k.endswith(marker):
-                raise CheckpointError(f"{name} is a diffusion model of another family (key '{k}'), "
+                raise CheckpointError(f"{name} is a diffusion model of another family (key '{shown(k)}'), "
                                       "not Wan 2.1.")
 
 
+def _dims(tf: TensorFile, key: str, rank: int, what: str = "") -> tuple[int, ...]:
+    """Shape of ``key``: exactly ``rank`` sizes, each in 1..MAX_CONFIG_SIZE, else a CheckpointError."""
+    if key not in tf:
+        raise CheckpointError(f"{tf.path.name}: looks like {what or 'a Wan 2.1 network'} but lacks "
+                              f"'{shown(key)}'; the file is incomplete or of an unsupported variant.")
+    s = tf.shape(key)
+    if len(s) != rank or not all(1 <= d <= MAX_CONFIG_SIZE for d in s):
+        raise CheckpointError(f"{tf.path.name}: tensor '{shown(key)}' has shape {list(s)}; expected {rank} "
+                              f"sizes, each 1..{MAX_CONFIG_SIZE}. The file is corrupt or not Wan 2.1.")
+    return s
+
+
+def _layer_count(file: str, names: Iterable[str], prefix: str, limit: int, what: str) -> int:
+    """Number of layers named ``<prefix><N>.``: N decimal, contiguous from 0, at most ``limit``."""
+    found: set[int] = set()
+    for k in names:
+        if not k.startswith(prefix):
+            continue
+        idx, dot, _ = k[len(prefix):].partition(".")
+        if not dot or not (idx.isascii() and idx.isdigit()) or len(idx) > 12 or str(int(idx)) != idx:
+            raise CheckpointError(f"{file}: tensor '{shown(k)}' has a malformed {what} number; "
+                                  "the file is corrupt or not Wan 2.1.")
+        found.add(int(idx))
+    if not found:
+        return 0
+    n = max(found) + 1
+    if n > limit:
+        raise CheckpointError(f"{file}: {what}s are numbered up to {n - 1}; at most {limit} are "
+                              "supported (the published models have fewer). The file is corrupt or hostile.")
+    if len(found) != n:
+        gaps = sorted(set(range(n)) - found)
+        raise CheckpointError(f"{file}: {what}s are not numbered contiguously from 0 (missing "
+                              f"{', '.join(map(str, gaps[:5]))}{' ...' if len(gaps) > 5 else ''}); "
+                              "the file is incomplete or corrupt.")
+    return n
+
+
 def _quant_and_scales(tf: TensorFile) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """fp8 flavour of the file and the (weight key, scale key) pairs of ComfyUI scaled fp8."""
+    """fp8 flavour of the file and the (weight key, scale key) pairs of ComfyUI scaled fp8
+    (GGUF: its GGML types per tensor group, see :meth:`wan_core.gguf.GGUFFile.quant_summary`)."""
+    from .gguf import GGUFFile
+
+    if isinstance(tf, GGUFFile):
+        return tf.quant_summary(), ()
     keys = tf.keys()
-    fp8 = {tf.dtype(k) for k in keys if tf.dtype(k) in _FP8}
+    fp8 = {tf.dtype(k) for k in keys if is_fp8(tf.dtype(k))}
     marker = next((k for k in keys if k == "scaled_fp8" or k.endswith(".scaled_fp8")), None)
     scales = []
     for k in keys:
@@ -180,6 +247,7 @@ _DIT_DIFFUSERS_BLOCK: dict[str, str] = {
     "attn2.norm_added_k": "cross_attn.norm_k_img",
     "norm2": "norm3",            # diffusers' norm2 is the official (affine) norm3
     "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+    "proj_in": "before_proj", "proj_out": "after_proj",    # VACE blocks (WanVACETransformer3DModel)
 }
 
 
@@ -188,14 +256,14 @@ def dit_key_from_diffusers(k: str) -> str:
     for pat, rep in _DIT_DIFFUSERS_RULES:
         if re.search(pat, k):
             return re.sub(pat, rep, k)
-    m = re.match(r"^blocks\.(\d+)\.(.+)$", k)
+    m = re.match(r"^(vace_blocks|blocks)\.(\d+)\.(.+)$", k)   # VACE blocks are base blocks + 2 Linears
     if m:
-        rest = m[2]
+        block, rest = f"{m[1]}.{m[2]}", m[3]
         if rest == "scale_shift_table":
-            return f"blocks.{m[1]}.modulation"
+            return f"{block}.modulation"
         for src, dst in _DIT_DIFFUSERS_BLOCK.items():
             if rest.startswith(src + "."):
-                return f"blocks.{m[1]}.{dst}{rest[len(src):]}"
+                return f"{block}.{dst}{rest[len(src):]}"
     return k
 
 
@@ -206,18 +274,36 @@ def _detect_dit(tf: TensorFile, prefix: str) -> Detected:
     official = {dit_key_from_diffusers(b) if diffusers else b: f for b, f in bare.items()}
     layout = "diffusers" if diffusers else ("comfy" if prefix else "official")
 
-    def shape(name: str) -> tuple[int, ...]:
+    def shape(name: str, rank: int) -> tuple[int, ...]:
         if name not in official:
             raise CheckpointError(f"{tf.path.name}: looks like a Wan DiT but lacks '{name}'; "
                                   "the file is incomplete or of an unsupported variant.")
-        return tf.shape(official[name])
+        return _dims(tf, official[name], rank, "a Wan DiT")
 
-    dim = shape("head.modulation")[-1]
-    pe = shape("patch_embedding.weight")
+    def mismatch(name: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{tf.path.name}: DiT tensor '{shown(official[name])}' has shape "
+                               f"{list(tf.shape(official[name]))}, inconsistent with {what}; the file is corrupt.")
+
+    num_layers = _layer_count(tf.path.name, official, "blocks.", MAX_DIT_BLOCKS, "DiT block")
+    if num_layers == 0:
+        raise CheckpointError(f"{tf.path.name}: looks like a Wan DiT but has no blocks; the file is incomplete.")
+    dim = shape("head.modulation", 3)[-1]
+    pe = shape("patch_embedding.weight", 5)
     patch = tuple(pe[2:])
     in_dim = pe[1]
-    out_dim = shape("head.head.weight")[0] // math.prod(patch)
-    num_layers = 1 + max((int(k.split(".")[1]) for k in official if k.startswith("blocks.")), default=-1)
+    if pe[0] != dim:
+        raise mismatch("patch_embedding.weight", f"the model width {dim} of head.modulation")
+    head_rows, head_cols = shape("head.head.weight", 2)
+    if head_rows % math.prod(patch) or head_cols != dim:
+        raise mismatch("head.head.weight", f"width {dim} and patch size {list(patch)}")
+    out_dim = head_rows // math.prod(patch)
+    ffn_dim, ffn_in = shape("blocks.0.ffn.0.weight", 2)
+    text_out, text_dim = shape("text_embedding.0.weight", 2)
+    time_out, freq_dim = shape("time_embedding.0.weight", 2)
+    for name, got in (("blocks.0.ffn.0.weight", ffn_in), ("text_embedding.0.weight", text_out),
+                      ("time_embedding.0.weight", time_out)):
+        if got != dim:
+            raise mismatch(name, f"the model width {dim}")
     if dim % 128:
         raise CheckpointError(f"{tf.path.name}: DiT width {dim} is not a multiple of 128 (head_dim); "
                               "not a Wan 2.1 model.")
@@ -228,23 +314,47 @@ def _detect_dit(tf: TensorFile, prefix: str) -> Detected:
     clip_dim, image_pos_len = 1280, 0
     if "img_emb.proj.0.weight" in official:
         model_type = "i2v"
-        clip_dim = shape("img_emb.proj.0.weight")[0]
+        clip_dim = shape("img_emb.proj.0.weight", 1)[0]
         if "img_emb.emb_pos" in official:
             model_type = "flf2v"
-            image_pos_len = shape("img_emb.emb_pos")[1]
+            image_pos_len = shape("img_emb.emb_pos", 3)[1]
     if model_type == "t2v" and in_dim != 16:
         raise CheckpointError(f"{tf.path.name}: a DiT with {in_dim} input channels and no image "
                               "embedder (Fun/control variant?) is not supported.")
     if model_type != "t2v" and in_dim != 36:
         raise CheckpointError(f"{tf.path.name}: an image-conditioned DiT with {in_dim} input channels "
                               "(Fun/control variant?) is not supported; Wan 2.1 I2V/FLF2V have 36.")
-    cfg = DiTConfig(dim=dim, ffn_dim=shape("blocks.0.ffn.0.weight")[0], num_layers=num_layers,
-                    in_dim=in_dim, out_dim=out_dim, text_dim=shape("text_embedding.0.weight")[1],
-                    freq_dim=shape("time_embedding.0.weight")[1], model_type=model_type,
-                    clip_dim=clip_dim, image_pos_len=image_pos_len, patch_size=patch)  # type: ignore[arg-type]
+    vace_layers, vace_in_dim = _vace_config(tf, official, shape, model_type, num_layers, dim, patch)
+    cfg = DiTConfig(dim=dim, ffn_dim=ffn_dim, num_layers=num_layers,
+                    in_dim=in_dim, out_dim=out_dim, text_dim=text_dim,
+                    freq_dim=freq_dim, model_type=model_type,
+                    clip_dim=clip_dim, image_pos_len=image_pos_len, patch_size=patch,  # type: ignore[arg-type]
+                    vace_layers=vace_layers, vace_in_dim=vace_in_dim)
     quant, scales = _quant_and_scales(tf)
     recipes = {o: Recipe((f,)) for o, f in official.items()}
     return Detected("dit", layout, cfg, recipes, quant, scales)
+
+
+def _vace_config(tf: TensorFile, official: dict[str, str], shape, model_type: str, num_layers: int, dim: int,
+                 patch: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """(vace_layers, vace_in_dim) of a VACE DiT, ``((), 96)`` for any other: the layers follow
+    from the count of ``vace_blocks.N`` (:func:`wan_core.vace.vace_layers_for`), the input
+    width from ``vace_patch_embedding`` (96 published)."""
+    from .vace import vace_layers_for
+
+    n = _layer_count(tf.path.name, official, "vace_blocks.", MAX_DIT_BLOCKS, "VACE block")
+    if not n and "vace_patch_embedding.weight" not in official:
+        return (), 96
+    name = tf.path.name
+    pe = shape("vace_patch_embedding.weight", 5)
+    if not n or model_type != "t2v" or pe[0] != dim or tuple(pe[2:]) != tuple(patch):
+        raise CheckpointError(f"{name}: a VACE DiT needs vace_blocks.N, a text-to-video base and a "
+                              f"vace_patch_embedding of width {dim} and patch {list(patch)}; found {n} VACE blocks, "
+                              f"base {model_type}, vace_patch_embedding {list(pe)}. The file is incomplete or corrupt.")
+    try:
+        return vace_layers_for(num_layers, n), pe[1]
+    except ValueError as err:
+        raise CheckpointError(f"{name}: {err}.") from err
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,34 +393,56 @@ def _vae_key_from_diffusers(k: str, nrb: int) -> str:
 def _detect_vae(tf: TensorFile, prefix: str) -> Detected:
     file_keys = [k for k in tf.keys() if not _is_extra(k)]
     bare = {k[len(prefix):] if k.startswith(prefix) else k: k for k in file_keys}
+    name = tf.path.name
     diffusers = "decoder.mid_block.resnets.0.norm1.gamma" in bare
     if diffusers:
-        nrb = 1 + max(int(re.match(r"decoder\.up_blocks\.0\.resnets\.(\d+)", b)[1])  # type: ignore[index]
-                      for b in bare if b.startswith("decoder.up_blocks.0.resnets.")) - 1
+        # The decoder has num_res_blocks + 1 resnets per up block.
+        nrb = _layer_count(name, bare, "decoder.up_blocks.0.resnets.", MAX_VAE_DOWNSAMPLES, "VAE up-block resnet") - 1
+        if nrb < 1:
+            raise CheckpointError(f"{name}: looks like a diffusers Wan VAE but its first up block has "
+                                  "fewer than 2 resnets; the file is incomplete or corrupt.")
         official = {_vae_key_from_diffusers(b, nrb): f for b, f in bare.items()}
     else:
         official = dict(bare)
-    try:
-        dim = tf.shape(official["encoder.conv1.weight"])[0]
-        z_dim = tf.shape(official["conv2.weight"])[0]
-    except KeyError as err:
-        raise CheckpointError(f"{tf.path.name}: looks like a Wan VAE but lacks {err}; the file is incomplete.") from None
+
+    def shape(key: str, rank: int) -> tuple[int, ...]:
+        if key not in official:
+            raise CheckpointError(f"{name}: looks like a Wan VAE but lacks '{key}'; the file is incomplete.")
+        return _dims(tf, official[key], rank, "a Wan VAE")
+
+    dim = shape("encoder.conv1.weight", 5)[0]
+    z_dim = shape("conv2.weight", 5)[0]
     # Walk the encoder: residual blocks give the stage widths, resamples the stage ends.
+    entries = _layer_count(name, official, "encoder.downsamples.", MAX_VAE_DOWNSAMPLES, "VAE encoder downsample")
+    if entries == 0:
+        raise CheckpointError(f"{name}: looks like a Wan VAE but has no encoder.downsamples.* tensors; "
+                              "the file is incomplete or corrupt.")
     mults: list[int] = []
     temporal: list[bool] = []
     per_stage = 0
     nrb = 0
-    i = 0
-    while f"encoder.downsamples.{i}.residual.2.weight" in official or f"encoder.downsamples.{i}.resample.1.weight" in official:
+    width = 0
+    for i in range(entries):
         if f"encoder.downsamples.{i}.residual.2.weight" in official:
             per_stage += 1
-            width = tf.shape(official[f"encoder.downsamples.{i}.residual.2.weight"])[0]
-        else:
+            width = shape(f"encoder.downsamples.{i}.residual.2.weight", 5)[0]
+            if width % dim:
+                raise CheckpointError(f"{name}: VAE stage width {width} is not a multiple of the base "
+                                      f"width {dim}; the file is corrupt.")
+        elif f"encoder.downsamples.{i}.resample.1.weight" in official and per_stage:
             mults.append(width // dim)
             temporal.append(f"encoder.downsamples.{i}.time_conv.weight" in official)
             nrb, per_stage = per_stage, 0
-        i += 1
+        else:
+            raise CheckpointError(f"{name}: VAE entry encoder.downsamples.{i} is neither a residual block nor "
+                                  "a resample after one; the file is incomplete or corrupt.")
+    if per_stage == 0:
+        raise CheckpointError(f"{name}: the VAE encoder ends in a resample instead of residual blocks; "
+                              "the file is incomplete or corrupt.")
     mults.append(width // dim)
+    if len(mults) > MAX_VAE_STAGES:
+        raise CheckpointError(f"{name}: the VAE encoder has {len(mults)} stages; at most {MAX_VAE_STAGES} "
+                              "are supported (Wan 2.1 has 4).")
     cfg = VAEConfig(dim=dim, z_dim=z_dim, dim_mult=tuple(mults), num_res_blocks=nrb or per_stage,
                     temporal_downsample=tuple(temporal))
     quant, scales = _quant_and_scales(tf)
@@ -324,15 +456,23 @@ def _detect_vae(tf: TensorFile, prefix: str) -> Detected:
 
 def _t5_config(tf: TensorFile, official: dict[str, str]) -> T5Config:
     def shape(name: str) -> tuple[int, ...]:
-        return tf.shape(official[name])
+        if name not in official:
+            raise CheckpointError(f"{tf.path.name}: looks like a umT5 encoder but lacks '{name}'; "
+                                  "the file is incomplete.")
+        return _dims(tf, official[name], 2, "a umT5 encoder")
 
     vocab, dim = shape("token_embedding.weight")
-    layers = 1 + max(int(k.split(".")[1]) for k in official if k.startswith("blocks."))
+    layers = _layer_count(tf.path.name, official, "blocks.", MAX_T5_BLOCKS, "umT5 block")
+    if layers == 0:
+        raise CheckpointError(f"{tf.path.name}: looks like a umT5 encoder but has no blocks; the file is incomplete.")
     if "blocks.1.pos_embedding.embedding.weight" not in official and layers > 1:
         raise CheckpointError(
             f"{tf.path.name} is a T5 encoder with one shared position table (e.g. the T5-XXL used by "
             "Flux/SD3), not umT5-XXL. Wan 2.1 needs umt5_xxl (vocab 256384) in models/text_encoders.")
     buckets, heads = shape("blocks.0.pos_embedding.embedding.weight")
+    if shape("blocks.0.attn.q.weight")[0] % heads:
+        raise CheckpointError(f"{tf.path.name}: umT5 attention width {shape('blocks.0.attn.q.weight')[0]} is "
+                              f"not a multiple of its {heads} heads; the file is corrupt.")
     return T5Config(vocab=vocab, dim=dim, dim_attn=shape("blocks.0.attn.q.weight")[0],
                     dim_ffn=shape("blocks.0.ffn.fc1.weight")[0], num_heads=heads, num_layers=layers,
                     num_buckets=buckets)
@@ -380,11 +520,50 @@ def _detect_t5_hf(tf: TensorFile) -> Detected:
             else:
                 unknown.append(k)
     if unknown:
-        raise CheckpointError(f"{tf.path.name}: unexpected keys for a umT5 encoder: {', '.join(unknown[:8])}.")
+        raise CheckpointError(f"{tf.path.name}: unexpected keys for a umT5 encoder: "
+                              f"{', '.join(shown(k) for k in unknown[:8])}.")
     cfg = _t5_config(tf, official)
     quant, scales = _quant_and_scales(tf)
     tok = "spiece_model" if "spiece_model" in keys else None
     return Detected("t5", "hf", cfg, {o: Recipe((f,)) for o, f in official.items()}, quant, scales,
+                    tok, tuple(ignored))
+
+
+# llama.cpp T5 names (umT5 GGUF files): "enc.blk.N.<name>" -> official "blocks.N.<name>".
+_T5_GGUF_LAYER = {
+    "attn_norm.weight": "norm1.weight", "attn_q.weight": "attn.q.weight", "attn_k.weight": "attn.k.weight",
+    "attn_v.weight": "attn.v.weight", "attn_o.weight": "attn.o.weight",
+    "attn_rel_b.weight": "pos_embedding.embedding.weight", "ffn_norm.weight": "norm2.weight",
+    "ffn_gate.weight": "ffn.gate.0.weight",      # HF wi_0, the GELU branch
+    "ffn_up.weight": "ffn.fc1.weight",           # HF wi_1
+    "ffn_down.weight": "ffn.fc2.weight",         # HF wo
+}
+
+
+def _detect_t5_gguf(tf: TensorFile) -> Detected:
+    official: dict[str, str] = {}
+    ignored: list[str] = []
+    unknown: list[str] = []
+    for k in sorted(tf.keys()):
+        if k == "spiece_model":
+            continue
+        if k == "token_embd.weight":
+            official["token_embedding.weight"] = k
+        elif k == "enc.output_norm.weight":
+            official["norm.weight"] = k
+        elif k.startswith(("dec.", "output.")):
+            ignored.append(k)      # a full seq2seq file: Wan uses the encoder only
+        elif (m := re.match(r"^enc\.blk\.(\d+)\.(.+)$", k)) and m[2] in _T5_GGUF_LAYER:
+            official[f"blocks.{m[1]}.{_T5_GGUF_LAYER[m[2]]}"] = k
+        else:
+            unknown.append(k)
+    if unknown:
+        raise CheckpointError(f"{tf.path.name}: unexpected tensors for a umT5 GGUF encoder: "
+                              f"{', '.join(shown(k) for k in unknown[:8])}.")
+    cfg = _t5_config(tf, official)
+    quant, scales = _quant_and_scales(tf)
+    tok = "spiece_model" if "spiece_model" in tf else None
+    return Detected("t5", "gguf", cfg, {o: Recipe((f,)) for o, f in official.items()}, quant, scales,
                     tok, tuple(ignored))
 
 
@@ -400,6 +579,12 @@ def _clip_config(tf: TensorFile, name: str, width: int, num_tokens: int, patch: 
         raise CheckpointError(f"{name} is a CLIP {_NOT_VIT_H[width]} vision model; Wan 2.1 image-to-video "
                               "needs CLIP ViT-H/14 (clip_vision_h.safetensors) in models/clip_vision.")
     grid = math.isqrt(num_tokens - 1)
+    if num_tokens < 2 or grid * grid != num_tokens - 1:
+        raise CheckpointError(f"{name}: CLIP position table of {num_tokens} rows is not 1 + a square grid; "
+                              "the file is corrupt.")
+    if width % CLIPVisionConfig.head_dim:
+        raise CheckpointError(f"{name}: CLIP width {width} is not a multiple of the head width "
+                              f"{CLIPVisionConfig.head_dim}; not a ViT-H/14 model.")
     return CLIPVisionConfig(image_size=grid * patch, patch_size=patch, width=width, mlp_dim=mlp_dim,
                             num_layers=layers, out_dim=out_dim)
 
@@ -410,12 +595,19 @@ def _detect_clip_official(tf: TensorFile) -> Detected:
     official = {k[len(pre):]: k for k in keys if k.startswith(pre) and not _is_extra(k)} if pre else \
         {k: k for k in keys if not _is_extra(k)}
     ignored = tuple(sorted(k for k in keys if pre and not k.startswith(pre)))
-    layers = 1 + max(int(k.split(".")[1]) for k in official if k.startswith("transformer."))
-    width = tf.shape(official["cls_embedding"])[-1]
-    cfg = _clip_config(tf, tf.path.name, width, tf.shape(official["pos_embedding"])[-2],
-                       tf.shape(official["patch_embedding.weight"])[-1], layers,
-                       tf.shape(official["transformer.0.mlp.0.weight"])[0],
-                       tf.shape(official["head"])[-1] if "head" in official else 1024)
+    layers = _layer_count(tf.path.name, official, "transformer.", MAX_CLIP_LAYERS, "CLIP layer")
+
+    def shape(key: str, rank: int) -> tuple[int, ...]:
+        return _dims(tf, official.get(key, pre + key), rank, "a CLIP vision model")
+
+    if layers == 0:
+        raise CheckpointError(f"{tf.path.name}: looks like a CLIP vision model but has no layers; "
+                              "the file is incomplete.")
+    width = shape("cls_embedding", 3)[-1]
+    cfg = _clip_config(tf, tf.path.name, width, shape("pos_embedding", 3)[-2],
+                       shape("patch_embedding.weight", 4)[-1], layers,
+                       shape("transformer.0.mlp.0.weight", 2)[0],
+                       shape("head", 2)[-1] if "head" in official else 1024)
     quant, scales = _quant_and_scales(tf)
     return Detected("clip_vision", "official", cfg, {o: Recipe((f,)) for o, f in official.items()},
                     quant, scales, ignored=ignored)
@@ -424,8 +616,8 @@ def _detect_clip_official(tf: TensorFile) -> Detected:
 def _detect_clip_hf(tf: TensorFile) -> Detected:
     keys = set(tf.keys())
     v = "vision_model."
-    width = tf.shape(v + "embeddings.class_embedding")[-1]
-    n_pos = tf.shape(v + "embeddings.position_embedding.weight")[0]
+    width = _dims(tf, v + "embeddings.class_embedding", 1, "an HF CLIP vision model")[-1]
+    n_pos = _dims(tf, v + "embeddings.position_embedding.weight", 2, "an HF CLIP vision model")[0]
     rec: dict[str, Recipe] = {
         "cls_embedding": Recipe((v + "embeddings.class_embedding",), "reshape", (1, 1, width)),
         "patch_embedding.weight": Recipe((v + "embeddings.patch_embedding.weight",)),
@@ -434,7 +626,10 @@ def _detect_clip_hf(tf: TensorFile) -> Detected:
     for ours, hf in (("pre_norm", "pre_layrnorm"), ("post_norm", "post_layernorm")):
         for leaf in ("weight", "bias"):
             rec[f"{ours}.{leaf}"] = Recipe((f"{v}{hf}.{leaf}",))
-    layers = 1 + max(int(k.split(".")[3]) for k in keys if k.startswith(v + "encoder.layers."))
+    layers = _layer_count(tf.path.name, keys, v + "encoder.layers.", MAX_CLIP_LAYERS, "CLIP layer")
+    if layers == 0:
+        raise CheckpointError(f"{tf.path.name}: looks like an HF CLIP vision model but has no layers; "
+                              "the file is incomplete.")
     for n in range(layers):
         src = f"{v}encoder.layers.{n}."
         dst = f"transformer.{n}."
@@ -448,16 +643,19 @@ def _detect_clip_hf(tf: TensorFile) -> Detected:
     used = {k for r in rec.values() for k in r.keys}
     missing = sorted(k for k in used if k not in keys and not k.startswith(v + "post_layernorm"))
     if missing:
-        raise CheckpointError(f"{tf.path.name}: looks like an HF CLIP vision model but lacks: {', '.join(missing[:6])}.")
+        raise CheckpointError(f"{tf.path.name}: looks like an HF CLIP vision model but lacks: "
+                              f"{', '.join(shown(k) for k in missing[:6])}.")
     rec = {o: r for o, r in rec.items() if all(k in keys for k in r.keys)}
     unknown = sorted(k for k in keys - used if not _is_extra(k) and not k.endswith("position_ids")
                      and not k.startswith(("text_model.", "text_projection", "logit_scale")))
     if unknown:
-        raise CheckpointError(f"{tf.path.name}: unexpected keys for a CLIP vision model: {', '.join(unknown[:8])}.")
-    out_dim = tf.shape("visual_projection.weight")[0] if "visual_projection.weight" in keys else 1024
+        raise CheckpointError(f"{tf.path.name}: unexpected keys for a CLIP vision model: "
+                              f"{', '.join(shown(k) for k in unknown[:8])}.")
+    hf = "an HF CLIP vision model"
+    out_dim = _dims(tf, "visual_projection.weight", 2, hf)[0] if "visual_projection.weight" in keys else 1024
     cfg = _clip_config(tf, tf.path.name, width, n_pos,
-                       tf.shape(v + "embeddings.patch_embedding.weight")[-1], layers,
-                       tf.shape(f"{v}encoder.layers.0.mlp.fc1.weight")[0], out_dim)
+                       _dims(tf, v + "embeddings.patch_embedding.weight", 4, hf)[-1], layers,
+                       _dims(tf, f"{v}encoder.layers.0.mlp.fc1.weight", 2, hf)[0], out_dim)
     quant, scales = _quant_and_scales(tf)
     ignored = tuple(sorted(k for k in keys if k.startswith(("text_model.", "text_projection", "logit_scale"))))
     return Detected("clip_vision", "hf", cfg, rec, quant, scales, ignored=ignored)

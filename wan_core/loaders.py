@@ -13,8 +13,15 @@ from pathlib import Path
 
 import torch
 
+from .attention import BACKENDS
 from .checkpoint import find_tokenizer, inspect_checkpoint, load_module
+from .clip_vision import CLIPVisionTower
+from .dit import WanDiT
 from .files import CheckpointError
+from .text_encoder import UMT5Encoder, encode_text
+from .tokenizer import UMT5Tokenizer
+from .vace import WanVaceDiT
+from .vae import WanVAE
 
 __all__ = ["load_dit", "load_vae", "load_text_encoder", "load_clip_vision", "TextEncoder"]
 
@@ -22,8 +29,10 @@ PathLike = str | os.PathLike
 
 
 def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             compute_dtype: torch.dtype | None = None, weight_dtype: str | torch.dtype | None = None):
-    """Wan 2.1 DiT (T2V, I2V or FLF2V, decided by the tensors) -> :class:`wan_core.dit.WanDiT`.
+             compute_dtype: torch.dtype | None = None, weight_dtype: str | torch.dtype | None = None,
+             attention: str = "sdpa") -> WanDiT:
+    """Wan 2.1 DiT (T2V, I2V or FLF2V, decided by the tensors) -> :class:`wan_core.dit.WanDiT`;
+    a VACE file (1.3B / 14B) -> :class:`wan_core.vace.WanVaceDiT`.
 
     ``dtype``: storage dtype of the Linear weights (None keeps the file's, fp8 included: an
     fp8 file stays fp8 and is upcast per call; give bf16 to dequantise it). Norms, modulation, time MLPs, patch embedding and head are
@@ -34,21 +43,31 @@ def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.dev
     scales), "fp8_e4m3fn" or "fp8_e5m2" (bf16/fp16/fp32 weights are quantised at load time
     to scaled fp8, absmax/fp8-max per tensor). Biases and the float32-policy parameters
     follow ``dtype`` as above. See :mod:`wan_core.fp8`.
+    ``attention``: the attention kernel, one of :data:`wan_core.attention.BACKENDS` ("sdpa",
+    the default, runs everywhere; "auto", "sage", "flash" fall back to it with one warning);
+    it becomes ``WanDiT.attention_backend``. An unknown name fails before the file is read.
+    GGUF files (ComfyUI-GGUF, :mod:`wan_core.gguf`): the quantized block Linears stay
+    quantized whatever ``dtype`` says (:class:`wan_core.quant.QuantLinear`, dequantized per
+    call); ``dtype`` and ``weight_dtype`` apply to the file's unquantized tensors.
     """
-    from .dit import WanDiT, keeps_fp32
+    if attention not in BACKENDS:
+        raise ValueError(f"unknown attention backend {attention!r}; choose one of {', '.join(BACKENDS)}")
 
-    model, _ = load_module(path, "dit", lambda cfg: WanDiT(cfg, compute_dtype=compute_dtype), dtype=dtype,
-                           device=device, keep_fp32=keeps_fp32, weight_dtype=weight_dtype)
+    def build(cfg) -> WanDiT:
+        # a VACE file (vace_blocks.N in the tensors) gives the VACE DiT, a WanDiT subclass
+        model_class = WanVaceDiT if cfg.vace_layers else WanDiT
+        return model_class(cfg, compute_dtype=compute_dtype, attention_backend=attention)
+
+    model, _ = load_module(path, "dit", build, dtype=dtype, device=device,
+                           keep_fp32=WanDiT.precision.keeps_fp32, weight_dtype=weight_dtype)
     return model
 
 
-def load_vae(path: PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+def load_vae(path: PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> WanVAE:
     """Wan 2.1 VAE (official .pth/.safetensors or diffusers) -> :class:`wan_core.vae.WanVAE`.
 
     The official pipeline runs the VAE in float32, the default here.
     """
-    from .vae import WanVAE
-
     model, _ = load_module(path, "vae", WanVAE, dtype=dtype, device=device)
     return model
 
@@ -57,12 +76,10 @@ def load_vae(path: PathLike, dtype: torch.dtype = torch.float32, device: torch.d
 class TextEncoder:
     """umT5 encoder plus its tokenizer: ``encode(prompts)`` -> per-prompt ``[L_i, dim]`` tensors."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: UMT5Encoder
+    tokenizer: UMT5Tokenizer
 
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:
-        from .text_encoder import encode_text
-
         device = next(self.model.parameters()).device
         return encode_text(self.model, self.tokenizer, prompts, device)
 
@@ -77,28 +94,24 @@ def load_text_encoder(path: PathLike, dtype: torch.dtype | None = None, device: 
     weight, saying where to put it. ``weight_dtype``: fp8 storage of the Linear weights, as
     in :func:`load_dit` (None: no fp8).
     """
-    from .text_encoder import UMT5Encoder, keeps_fp32
-    from .tokenizer import UMT5Tokenizer
-
     path = Path(path)
     det = inspect_checkpoint(path)
-    if det.kind == "t5":
-        spm = find_tokenizer(path, det, tokenizer_path)
-        tokenizer = UMT5Tokenizer.from_bytes(spm)
-    model, det = load_module(path, "t5", UMT5Encoder, dtype=dtype, device=device, keep_fp32=keeps_fp32,
-                             weight_dtype=weight_dtype)
-    if tokenizer.vocab_size > det.config.vocab:  # type: ignore[union-attr]
+    tokenizer = UMT5Tokenizer.from_bytes(find_tokenizer(path, det, tokenizer_path)) if det.kind == "t5" else None
+    # another kind is refused here, naming the loader the file belongs to
+    model, det = load_module(path, "t5", UMT5Encoder, dtype=dtype, device=device,
+                             keep_fp32=UMT5Encoder.precision.keeps_fp32, weight_dtype=weight_dtype)
+    assert tokenizer is not None  # load_module accepted a umT5 file
+    if tokenizer.vocab_size > det.config.vocab:
         raise CheckpointError(f"{path.name}: the tokenizer has {tokenizer.vocab_size} pieces but the "
                               f"encoder's embedding only {det.config.vocab}: tokenizer and weights do not match.")
     return TextEncoder(model, tokenizer)
 
 
-def load_clip_vision(path: PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
+def load_clip_vision(path: PathLike, dtype: torch.dtype | None = None,
+                     device: torch.device | str = "cpu") -> CLIPVisionTower:
     """CLIP ViT-H/14 vision tower (official open-clip .pth or ComfyUI clip_vision_h) ->
     :class:`wan_core.clip_vision.CLIPVisionTower`. The text tower of the official file is
     skipped without being read."""
-    from .clip_vision import CLIPVisionTower, keeps_fp32
-
     model, _ = load_module(path, "clip_vision", CLIPVisionTower, dtype=dtype, device=device,
-                           keep_fp32=keeps_fp32)
+                           keep_fp32=CLIPVisionTower.precision.keeps_fp32)
     return model

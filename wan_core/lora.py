@@ -1,25 +1,7 @@
 """LoRA files applied to a Wan network, merged into the weights or added at call time.
 
-Layouts read (detected from the keys; diffusers names are assumed file-wide):
-
-- official names, bare or with ``diffusion_model.`` / ``model.diffusion_model.``:
-  ``blocks.0.self_attn.q.lora_down.weight`` / ``.lora_up.weight`` (+ ``.alpha``) or
-  ``.lora_A.weight`` / ``.lora_B.weight`` (Kijai, diffusion-pipe, lightx2v, CausVid ...);
-- diffusers / PEFT names, bare or with ``transformer.`` / ``base_model.model.``:
-  ``blocks.0.attn1.to_q.lora_A.weight``; module paths are converted with
-  :func:`wan_core.layouts.dit_key_from_diffusers` (the one place keys are renamed); a PEFT
-  alpha stored in the ``lora_adapter_metadata`` header entry is honoured;
-- kohya / musubi-tuner / ComfyUI underscored paths: ``lora_unet_blocks_0_self_attn_q.lora_down.weight``
-  (also ``lycoris_`` and the Wan-Fun ``lora_unet__`` spelling), matched against the model's
-  own module names with dots replaced by underscores. Underscored *diffusers* names
-  (OneTrainer ``lora_transformer_blocks_0_attn1_to_q``) are not mapped: reported unmatched.
-
-Besides low-rank pairs, the common Wan distillation LoRAs (lightx2v cfg/step distill, CausVid,
-AccVid) carry full deltas, which are applied with the strength and no alpha:
-``<module>.diff`` (weight delta: norms, ``norm_q``/``norm_k``, sometimes Linear or the patch
-embedding), ``<module>.diff_b`` (bias delta) and ``blocks.N.diff_m`` (delta of
-``blocks.N.modulation``); diffusers' conversion of them, ``.lora_B.bias``, reads as
-``diff_b``. DoRA, LoHa, LoKr and OFT files are refused with a clear error.
+Which files and key layouts are read, and the checks every file passes first:
+:mod:`wan_core.lora_files`.
 
 Scale of a low-rank pair: ``strength * alpha / rank`` (no alpha: ``strength``), so the
 weight becomes ``W + scale * (B @ A)`` computed in float32 (``A`` = down ``[r, in]``, ``B``
@@ -45,83 +27,51 @@ Two modes of :func:`apply_loras`:
   cannot be hooked cheaply, so they are patched in place with the original tensor kept;
   :meth:`LoraReport.remove` restores the model bit for bit.
 
-Keys that match nothing (unknown suffix, incomplete pair, a layer the model lacks such as
-``k_img`` on a T2V model) are listed by name in the report and logged as one warning;
-``strict=True`` raises instead. A file that matches nothing at all, or whose shapes belong
-to another model size, raises :class:`LoraError`.
+All or nothing. :func:`apply_loras` first checks every file completely
+(:func:`wan_core.lora_files.check_loras`, the same for both modes, so "merge" and
+"unmerged" refuse exactly the same files); only then does it change the model. A failure
+after that (out of memory, a file changed since it was checked, an error, an interrupt)
+puts back every parameter it had replaced and removes every hook it had added before the
+exception leaves :func:`apply_loras`: the model is bit-identical (values, dtypes, devices,
+parameter objects) and hook-free. Refusals and errors are a :class:`LoraError` naming the
+file and the key; an interrupt (``KeyboardInterrupt``) is re-raised as it is.
+
+Memory of the transaction. A merge cannot undo a rounding (fp8 requantisation, bf16), so
+it keeps the original storage of every parameter it rewrites until the last one is done:
+the tensors themselves when they live on the CPU (no copy), a CPU copy when they live on
+an accelerator (ComfyUI's weight backups do the same). Extra host memory: the storage
+bytes of the touched parameters, whatever the rank. For Wan 2.1 14B in fp8 with a LoRA on
+all 400 block Linears that is 14.05 GB (13.1 GiB: the fp8 weights themselves; the 400
+scales add 1.6 kB), freed when the merge commits; in bf16, 28.1 GB. Besides, one parameter
+at a time is worked on in float32 on its own device: for the largest 14B Linear (ffn,
+5120 x 13824) the merged weight and ``B @ A``, then the weight, the requantisation copy and
+the fp8 result: 0.64 GB at most (about 1.4 GB with stochastic rounding, whose noise and
+bit temporaries are float32-sized too). Checking reads one pair at a time (rank 64: under
+10 MB). "unmerged" rewrites only the few non-Linear parameters (norms, modulation, patch
+embedding) its files have deltas for; its hooks hold the LoRA tensors on the device (a
+rank-64 LoRA on the 400 Linears of 14B: 307 M values, 613 MB in bf16).
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import re
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .files import CheckpointError, TensorFile, open_checkpoint
+from .files import TensorFile
+from .fp8 import dequantize, is_fp8, quantize
 from .layers import CastLinear
-from .layouts import dit_key_from_diffusers
+from .lora_files import LoraError, LoraFileReport, LoraSpec, Patch, Plan, check_loras, read_checked, refuse
+from .quant import quantized_param_shapes
 
 __all__ = ["LoraError", "LoraFileReport", "LoraReport", "LoraSpec", "applied_loras", "apply_loras"]
 
 log = logging.getLogger("wan_core")
-
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-_FP8_MANTISSA = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}
-
-# Key suffix -> role. Order matters only where one suffix ends another (none do today).
-_SUFFIXES: tuple[tuple[str, str], ...] = (
-    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
-    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
-    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-    (".lora_B.bias", "diff_b"), (".lora_B.default.bias", "diff_b"),
-    (".alpha", "alpha"), (".diff", "diff"), (".diff_b", "diff_b"), (".diff_m", "diff_m"),
-)
-# Adapters whose formula is not W + s*B@A: applying only their low-rank part would be wrong.
-_UNSUPPORTED = (".dora_scale", ".hada_w1_a", ".hada_w1_b", ".lokr_w1", ".lokr_w1_a", ".oft_blocks",
-                ".oft_diag", ".lora_mid.weight")
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.")
-_UNDERSCORE_PREFIXES = ("lora_unet_", "lycoris_")
-# Path fragments only the diffusers WanTransformer3DModel uses.
-_DIFFUSERS_MARKERS = re.compile(r"(^|\.)(attn1|attn2|condition_embedder|proj_out|scale_shift_table)(\.|$)|\.ffn\.net\.")
-
-
-class LoraError(CheckpointError):
-    """A LoRA file that cannot be applied to this model; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One LoRA file and its strength (0 = off; negative subtracts the LoRA)."""
-
-    path: str | os.PathLike
-    strength: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(float(self.strength)):
-            raise ValueError(f"LoRA strength must be a finite number, got {self.strength!r}")
-
-
-@dataclass(frozen=True)
-class LoraFileReport:
-    """What one file did: targets are official parameter names, unmatched are file keys."""
-
-    path: Path
-    strength: float
-    layout: str                    # "official" | "comfy" | "diffusers" | "kohya"
-    matched: tuple[str, ...]       # parameters changed (or hooked)
-    unmatched: tuple[str, ...]     # file keys that matched nothing in the model
-    rank: int | None = None        # largest rank of its low-rank pairs
 
 
 @dataclass(frozen=True)
@@ -155,159 +105,7 @@ class LoraReport:
         return f"wan_core: LoRA {self.mode}: " + ("; ".join(parts) or "none")
 
 
-@dataclass(frozen=True)
-class _Patch:
-    """One delta for one parameter: ``kind`` "lowrank" (keys down, up) or "full" (key diff)."""
-
-    target: str
-    kind: str
-    keys: tuple[str, ...]
-    scale: float
-    file: int
-
-
-# --------------------------------------------------------------------------- parsing
-
-
-def _split_key(key: str) -> tuple[str, str] | None:
-    for suffix, role in _SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)], role
-    return None
-
-
-def _layout_of(paths: Sequence[str]) -> str:
-    if any(p.startswith(_UNDERSCORE_PREFIXES) for p in paths):
-        return "kohya"
-    stripped = [_strip(p) for p in paths]
-    if any(_DIFFUSERS_MARKERS.search(p) for p in stripped):
-        return "diffusers"
-    if any(p.startswith(("diffusion_model.", "model.diffusion_model.")) for p in paths):
-        return "comfy"
-    return "official"
-
-
-def _strip(path: str) -> str:
-    for prefix in _PREFIXES:
-        if path.startswith(prefix):
-            return path[len(prefix):]
-    return path
-
-
-def _official_path(path: str, layout: str, underscored: dict[str, str]) -> str | None:
-    """Official module (or parameter) path of a LoRA module path, None if unknown."""
-    for prefix in _UNDERSCORE_PREFIXES:
-        if path.startswith(prefix):  # "lora_unet__blocks_0_..." is the Wan-Fun spelling
-            return underscored.get(path[len(prefix):].lstrip("_"))
-    path = _strip(path)
-    if layout == "diffusers":
-        renamed = dit_key_from_diffusers(path)  # whole-parameter renames (scale_shift_table)
-        if renamed == path:
-            # module paths: the rules match "<module>.<leaf>", so convert a dummy leaf
-            renamed = dit_key_from_diffusers(path + ".weight")[: -len(".weight")]
-        path = renamed
-    return path
-
-
-def _target(params: dict[str, nn.Parameter], official: str | None, leaf: str | None) -> str | None:
-    """Parameter ``<official>.<leaf>`` if the model has it; ``leaf=None``: the path itself
-    names a parameter (``blocks.0.modulation.diff``) or a module's weight (``norm3.diff``)."""
-    if official is None:
-        return None
-    if leaf is None:
-        return official if official in params else (official + ".weight" if official + ".weight" in params else None)
-    return f"{official}.{leaf}" if f"{official}.{leaf}" in params else None
-
-
-def _peft_alpha(tf: TensorFile) -> Callable[[str], float | None]:
-    """alpha of a diffusers/PEFT file from its ``lora_adapter_metadata`` (None: not given)."""
-    raw = (tf.metadata or {}).get("lora_adapter_metadata")
-    if not raw:
-        return lambda path: None
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        return lambda path: None
-    alpha = meta.get("lora_alpha")
-    pattern = meta.get("alpha_pattern") or {}
-
-    def alpha_of(path: str) -> float | None:
-        for pat, value in pattern.items():  # PEFT matches pattern keys against the module name's end
-            if re.fullmatch(rf"(.*\.)?{pat}", path):
-                return float(value)
-        return None if alpha is None else float(alpha)
-    return alpha_of
-
-
-def _parse(tf: TensorFile, strength: float, file_index: int,
-           params: dict[str, nn.Parameter], underscored: dict[str, str]
-           ) -> tuple[list[_Patch], list[str], str, int | None]:
-    """Patches of one file, its unmatched keys, layout and largest rank."""
-    name = tf.path.name
-    bad = sorted(k for k in tf.keys() if k.endswith(_UNSUPPORTED))
-    if bad:
-        raise LoraError(f"{name} is a DoRA/LoHa/LoKr/OFT adapter (key '{bad[0]}'); Wan Core applies only "
-                        "plain LoRA (lora_up/lora_down, lora_A/lora_B) and diff tensors.")
-    groups: dict[str, dict[str, str]] = {}
-    unmatched: list[str] = []
-    for key in tf.keys():
-        split = _split_key(key)
-        if split is None:
-            unmatched.append(key)
-        else:
-            groups.setdefault(split[0], {})[split[1]] = key
-    layout = _layout_of(list(groups))
-    peft_alpha = _peft_alpha(tf)
-    patches: list[_Patch] = []
-    mismatched: list[str] = []
-    rank = None
-    for path, roles in groups.items():
-        official = _official_path(path, layout, underscored)
-        used: set[str] = set()
-
-        def check(tname: str, fits: bool, what: str) -> bool:
-            if not fits:
-                mismatched.append(f"{what} vs {tname} {list(params[tname].shape)}")
-            return fits
-
-        if "down" in roles and "up" in roles:
-            t = _target(params, official, "weight")
-            down, up = tf.shape(roles["down"]), tf.shape(roles["up"])
-            r = down[0]
-            # B [out, r(, 1...)] @ A [r, in(, k...)] must give the weight [out, in(, k...)]
-            if t is not None and check(t, len(up) >= 2 and len(down) >= 2 and up[1] == r
-                                       and params[t].shape[0] == up[0]
-                                       and math.prod(params[t].shape[1:]) == math.prod(down[1:]),
-                                       f"{roles['up']} {list(up)} @ {list(down)}"):
-                if "alpha" in roles:
-                    alpha = float(tf.read(roles["alpha"]).float().reshape(-1)[0])
-                    used.add(roles["alpha"])
-                else:
-                    alpha = peft_alpha(_strip(path)) if layout == "diffusers" else None
-                scale = strength * (alpha / r if alpha is not None else 1.0)
-                patches.append(_Patch(t, "lowrank", (roles["down"], roles["up"]), scale, file_index))
-                used.update((roles["down"], roles["up"]))
-                rank = max(rank or 0, r)
-        for role, leaf in (("diff", None), ("diff_b", "bias"), ("diff_m", "modulation")):
-            if role in roles:
-                t = _target(params, official, leaf)
-                if t is not None and check(t, params[t].numel() == math.prod(tf.shape(roles[role])), roles[role]):
-                    patches.append(_Patch(t, "full", (roles[role],), strength, file_index))
-                    used.add(roles[role])
-        unmatched.extend(k for k in roles.values() if k not in used)
-    if not patches:
-        why = (f"its shapes belong to another model size ({'; '.join(mismatched[:2])})" if mismatched else
-               f"first keys: {', '.join(sorted(tf.keys())[:4])}; it is not a Wan 2.1 DiT LoRA in a known layout")
-        raise LoraError(f"{name} matches nothing in this model: {why}.")
-    if mismatched:
-        # a few odd tensors (e.g. a head diff of another shape) must not refuse a good file;
-        # their keys are reported as unmatched like any other
-        log.warning("wan_core: %s: %d LoRA tensors do not fit this model's shapes, e.g. %s", name,
-                    len(mismatched), "; ".join(mismatched[:3]))
-    return patches, sorted(unmatched), layout, rank
-
-
-# --------------------------------------------------------------------------- deltas
+# --------------------------------------------------------------------------- applying
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -315,88 +113,86 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(owner_name) if owner_name else model), leaf
 
 
-def _delta(tf: TensorFile, patch: _Patch, shape: torch.Size, device: torch.device) -> Tensor:
+def _fp8_scale(owner: nn.Module, leaf: str, p: Tensor) -> nn.Parameter | None:
+    """The ``scale_weight`` of an fp8 weight (CastLinear contract), else None."""
+    return getattr(owner, "scale_weight", None) if leaf == "weight" and is_fp8(p.dtype) else None
+
+
+class _UndoLog:
+    """Originals of the parameters a LoRA application replaced, until it commits.
+
+    A parameter on the CPU keeps its original tensor (no copy); one elsewhere keeps a CPU
+    copy, written back in place on rollback (no device allocation while recovering from an
+    out-of-memory error). The entry is recorded before the parameter changes, so an
+    interrupt between the two still rolls back correctly.
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[Tensor, Tensor, bool]] = []   # (parameter, original, copied)
+
+    def write(self, p: Tensor, new: Tensor) -> None:
+        """``p.data = new`` (same shape, dtype and device as before)."""
+        old = p.data
+        copied = old.device.type != "cpu"
+        self._entries.append((p, old.to("cpu", copy=True) if copied else old, copied))
+        p.data = new
+
+    def rollback(self) -> None:
+        while self._entries:
+            p, old, copied = self._entries.pop()
+            if copied:
+                p.data.copy_(old)
+            else:
+                p.data = old
+
+    def commit(self) -> None:
+        self._entries.clear()
+
+
+def _delta(tf: TensorFile, patch: Patch, shape: torch.Size, device: torch.device) -> Tensor:
     """float32 delta ``[shape]`` of one patch, scale included, on ``device``."""
     if patch.kind == "lowrank":
-        a = tf.read(patch.keys[0]).to(device=device, dtype=torch.float32).flatten(1)
-        b = tf.read(patch.keys[1]).to(device=device, dtype=torch.float32).flatten(1)
-        return (patch.scale * (b @ a)).reshape(shape)
-    return (patch.scale * tf.read(patch.keys[0]).to(device=device, dtype=torch.float32)).reshape(shape)
+        a = read_checked(tf, patch.keys[0]).to(device=device, dtype=torch.float32).flatten(1)
+        b = read_checked(tf, patch.keys[1]).to(device=device, dtype=torch.float32).flatten(1)
+        return (b @ a).mul_(patch.scale).reshape(shape)
+    return (patch.scale * read_checked(tf, patch.keys[0]).to(device=device, dtype=torch.float32)).reshape(shape)
 
 
-def _real_weight(owner: nn.Module, leaf: str, p: Tensor) -> Tensor:
-    """float32 value of a parameter, honouring the fp8 ``scale_weight`` contract."""
-    w = p.detach().to(torch.float32, copy=True)  # a copy even for float32: deltas are added in place
-    scale = getattr(owner, "scale_weight", None) if leaf == "weight" else None
-    if p.dtype in _FP8 and scale is not None:
-        w = w * scale.detach().to(torch.float32)
-    return w
+def _merged(owner: nn.Module, leaf: str, name: str, patches: list[Patch], files: list[TensorFile],
+            rounding: str) -> tuple[Tensor, Tensor | None]:
+    """New storage of parameter ``name`` with ``patches`` added in float32: (tensor, new
+    ``scale_weight`` or None), in the parameter's dtype and on its device."""
+    p = getattr(owner, leaf).detach()
+    scale = _fp8_scale(owner, leaf, p)
+    # dequantize makes a new float32 tensor; a float32 weight needs an explicit copy
+    w = dequantize(p, scale, torch.float32) if is_fp8(p.dtype) else p.to(torch.float32, copy=True)
+    for patch in patches:
+        d = _delta(files[patch.file], patch, w.shape, w.device)
+        w += d
+        del d
+    # the checks bound every delta, so only a weight already near its dtype's limit gets here
+    if not torch.isfinite(w).all() or (not is_fp8(p.dtype) and w.abs().max() > torch.finfo(p.dtype).max):
+        raise refuse(files[patches[0].file], patches[0].keys[-1],
+                     f"makes {name} non-finite in {p.dtype} (overflow); lower the strength.")
+    if not is_fp8(p.dtype):
+        return w if p.dtype == torch.float32 else w.to(p.dtype), None
+    seed = zlib.crc32(name.encode()) if rounding == "stochastic" else None
+    q, s = quantize(w, p.dtype, scaled=scale is not None, stochastic_seed=seed)
+    return q, None if scale is None else s.reshape(scale.shape).to(scale.dtype)
 
 
-def _to_fp8(w: Tensor, fmt: torch.dtype, rounding: str, seed: int) -> Tensor:
-    """float32 ``w`` -> ``fmt``, clamped to its range (e4m3fn has no inf: an overflow would be NaN).
-
-    "stochastic" rounds each value up or down with probability proportional to its distance
-    (unbiased): float32 bits get uniform noise below the fp8 mantissa and are truncated, then
-    the cast is exact except in the fp8 subnormal range, where it rounds to nearest.
-    """
-    fmax = torch.finfo(fmt).max
-    w = w.clamp(-fmax, fmax)
-    if rounding == "nearest":
-        return w.to(fmt)
-    drop = 23 - _FP8_MANTISSA[fmt]  # float32 mantissa bits below the fp8 mantissa
-    gen = torch.Generator(device=w.device).manual_seed(seed)
-    noise = torch.randint(0, 1 << drop, w.shape, generator=gen, device=w.device, dtype=torch.int32)
-    # sign-magnitude bits: adding noise and truncating rounds the magnitude, either sign
-    bits = (w.contiguous().view(torch.int32) + noise) & ~((1 << drop) - 1)
-    return bits.view(torch.float32).clamp(-fmax, fmax).to(fmt)
-
-
-def _quantised(owner: nn.Module, leaf: str, p: Tensor, w: Tensor, rounding: str, seed: int
-               ) -> tuple[Tensor, Tensor | None]:
-    """``w`` (float32) in ``p``'s storage format: (new weight, new scale_weight or None)."""
-    if p.dtype not in _FP8:
-        return w.to(p.dtype), None
-    scale = getattr(owner, "scale_weight", None) if leaf == "weight" else None
-    if scale is None:
-        return _to_fp8(w, p.dtype, rounding, seed), None
-    s = w.abs().max() / torch.finfo(p.dtype).max
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return _to_fp8(w / s, p.dtype, rounding, seed), s.reshape(scale.shape).to(scale.dtype)
-
-
-def _patch_params(model: nn.Module, files: list[TensorFile], by_target: dict[str, list[_Patch]],
-                  keep_original: bool, fp8_rounding: str = "nearest") -> list[Callable[[], None]]:
-    """Add the deltas to the parameters; with ``keep_original``, return undo callbacks."""
-    undo: list[Callable[[], None]] = []
+def _merge_into(model: nn.Module, files: list[TensorFile], by_target: dict[str, list[Patch]],
+                undo: _UndoLog, rounding: str, current: list[Patch]) -> None:
+    """Add the deltas to the parameters, every replaced original recorded in ``undo``;
+    ``current`` holds the patch being applied (for the error message)."""
     for name, patches in by_target.items():
+        current[:] = patches
         owner, leaf = _owner(model, name)
         p = getattr(owner, leaf)
-        w = _real_weight(owner, leaf, p)
-        for patch in patches:
-            w += _delta(files[patch.file], patch, w.shape, w.device)
-        new, new_scale = _quantised(owner, leaf, p, w, fp8_rounding, zlib.crc32(name.encode()))
-        del w
-        scale = getattr(owner, "scale_weight", None) if new_scale is not None else None
-        if keep_original:
-            old, old_scale = p.data, None if scale is None else scale.data
-            p.data = new
-            if scale is not None:
-                scale.data = new_scale
-
-            def restore(p=p, old=old, scale=scale, old_scale=old_scale) -> None:
-                p.data = old
-                if scale is not None:
-                    scale.data = old_scale
-            undo.append(restore)
-        else:
-            p.data.copy_(new)  # in place: no second full-size copy of a big weight
-            if scale is not None:
-                scale.data.copy_(new_scale)
-    return undo
-
-
-# --------------------------------------------------------------------------- unmerged
+        new, new_scale = _merged(owner, leaf, name, patches, files, rounding)
+        undo.write(p, new)
+        if new_scale is not None:
+            undo.write(owner.scale_weight, new_scale)
 
 
 class _LoraHook:
@@ -419,30 +215,42 @@ class _LoraHook:
         return out
 
 
-def _hook_linears(model: nn.Module, files: list[TensorFile], by_target: dict[str, list[_Patch]]
-                  ) -> tuple[list[Callable[[], None]], dict[str, list[_Patch]]]:
-    """Hook every CastLinear target; returns undo callbacks and the patches left over."""
+def _unhook(module: nn.Module, hook: _LoraHook) -> None:
+    """Remove ``hook`` from ``module`` by identity, also one whose handle never came back
+    (an interrupt just after it was registered). The three dicts are those
+    ``RemovableHandle.remove`` clears for a forward hook."""
+    for hid, fn in list(module._forward_hooks.items()):
+        if fn is hook:
+            for hook_dict in (module._forward_hooks, module._forward_hooks_with_kwargs,
+                              module._forward_hooks_always_called):
+                hook_dict.pop(hid, None)
+
+
+def _build_hooks(model: nn.Module, files: list[TensorFile], by_target: dict[str, list[Patch]],
+                 current: list[Patch]) -> tuple[dict[str, _LoraHook], dict[str, list[Patch]]]:
+    """Hooks for every CastLinear target (module name -> hook, nothing registered yet) and
+    the patches left over for :func:`_merge_into`."""
     hooks: dict[str, _LoraHook] = {}
-    rest: dict[str, list[_Patch]] = {}
+    rest: dict[str, list[Patch]] = {}
     for name, patches in by_target.items():
         owner, leaf = _owner(model, name)
         if not isinstance(owner, CastLinear) or leaf not in ("weight", "bias"):
             rest[name] = patches
             continue
-        owner_name = name.rpartition(".")[0]
-        hook = hooks.setdefault(owner_name, _LoraHook())
+        current[:] = patches
+        hook = hooks.setdefault(name.rpartition(".")[0], _LoraHook())
         device = owner.weight.device
         for patch in patches:
             tf = files[patch.file]
             if patch.kind == "lowrank":
-                a, b = (tf.read(k).to(device).flatten(1) for k in patch.keys)
+                a, b = (read_checked(tf, k).to(device).flatten(1) for k in patch.keys)
                 hook.lowrank.append((a, b, patch.scale))
             elif leaf == "weight":
-                hook.weight_diffs.append((tf.read(patch.keys[0]).to(device).reshape(owner.weight.shape), patch.scale))
+                d = read_checked(tf, patch.keys[0]).to(device).reshape(owner.out_features, owner.in_features)
+                hook.weight_diffs.append((d, patch.scale))
             else:
-                hook.bias_diffs.append((tf.read(patch.keys[0]).to(device).reshape(-1), patch.scale))
-    undo = [model.get_submodule(n).register_forward_hook(h).remove for n, h in hooks.items()]
-    return undo, rest
+                hook.bias_diffs.append((read_checked(tf, patch.keys[0]).to(device).reshape(-1), patch.scale))
+    return hooks, rest
 
 
 # --------------------------------------------------------------------------- entry points
@@ -452,11 +260,14 @@ def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge"
                 strict: bool = False, fp8_rounding: str = "nearest") -> LoraReport:
     """Apply LoRA files (in order; their deltas add up) to ``model`` (official parameter names).
 
+    All or nothing (module docstring): every file is checked completely first, the same way
+    in both modes; on any failure the model is left bit-identical and without hooks.
+
     Args:
         model: a Wan network, usually :class:`wan_core.dit.WanDiT`, on any device; deltas are
             computed on the device of each weight.
-        specs: files and strengths; strength 0 reads only the header (keys are still checked
-            and reported) and changes nothing.
+        specs: files and strengths; strength 0 reads only the header and alphas (keys are
+            still checked and reported) and changes nothing.
         mode: ``"merge"`` (into the weights, permanent) or ``"unmerged"`` (hooks; ``remove()``).
         strict: raise :class:`LoraError` if any key matches nothing, instead of reporting it.
         fp8_rounding: how merged fp8 weights are re-quantised: "nearest" (default, lower rms
@@ -465,45 +276,54 @@ def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge"
 
     Returns:
         :class:`LoraReport`; unmatched keys are also logged as one warning per file.
+
+    Raises:
+        LoraError: a file refused, or applying failed (the cause chained); the message names
+            the file and the key. ``KeyboardInterrupt`` passes through, after the rollback.
     """
     if mode not in ("merge", "unmerged"):
         raise ValueError(f"LoRA mode must be 'merge' or 'unmerged', got {mode!r}")
     if fp8_rounding not in ("stochastic", "nearest"):
         raise ValueError(f"fp8_rounding must be 'stochastic' or 'nearest', got {fp8_rounding!r}")
-    params = dict(model.named_parameters())
-    underscored = {n.replace(".", "_"): n for n, _ in model.named_modules() if n}
-    underscored.update({n.replace(".", "_"): n for n in params})
-    files: list[TensorFile] = []
-    reports: list[LoraFileReport] = []
-    by_target: dict[str, list[_Patch]] = {}
+    plan = Plan()
+    undo = _UndoLog()
+    hooks: dict[str, _LoraHook] = {}
+    handles: list = []
+    current: list[Patch] = []
     try:
-        for i, spec in enumerate(specs):
-            tf = open_checkpoint(spec.path)
-            files.append(tf)
-            patches, unmatched, layout, rank = _parse(tf, float(spec.strength), i, params, underscored)
-            if unmatched:
-                msg = (f"{tf.path.name}: {len(unmatched)} LoRA keys match nothing in this model: "
-                       f"{', '.join(unmatched[:12])}{' ...' if len(unmatched) > 12 else ''}")
-                if strict:
-                    raise LoraError(msg)
-                log.warning("wan_core: %s", msg)
-            active = float(spec.strength) != 0.0
-            reports.append(LoraFileReport(tf.path, float(spec.strength), layout,
-                                          tuple(sorted({p.target for p in patches})) if active else (),
-                                          tuple(unmatched), rank))
-            if active:
-                for p in patches:
-                    by_target.setdefault(p.target, []).append(p)
+        check_loras(model, specs, strict, plan)
         with torch.no_grad():
             if mode == "merge":
-                undo = _patch_params(model, files, by_target, keep_original=False, fp8_rounding=fp8_rounding)
+                quantized = sorted(set(plan.by_target) & set(quantized_param_shapes(model)))
+                if quantized:
+                    raise LoraError(f"cannot merge LoRAs into GGUF-quantized weights (e.g. {quantized[0]}): that "
+                                    "would re-quantize them. Apply the LoRAs unmerged (mode='unmerged'; in ComfyUI "
+                                    "the sampler's 'loras' input), which is exact for GGUF models.")
+                _merge_into(model, plan.files, plan.by_target, undo, fp8_rounding, current)
             else:
-                undo, rest = _hook_linears(model, files, by_target)
-                undo += _patch_params(model, files, rest, keep_original=True, fp8_rounding=fp8_rounding)
+                hooks, rest = _build_hooks(model, plan.files, plan.by_target, current)
+                current.clear()
+                for owner_name, hook in hooks.items():
+                    handles.append(model.get_submodule(owner_name).register_forward_hook(hook))
+                _merge_into(model, plan.files, rest, undo, fp8_rounding, current)
+    except BaseException as exc:
+        for owner_name, hook in hooks.items():
+            _unhook(model.get_submodule(owner_name), hook)
+        undo.rollback()
+        if isinstance(exc, LoraError) or not isinstance(exc, Exception):
+            raise
+        where = (f"{plan.files[current[0].file].path.name}: applying LoRA key '{current[0].keys[-1]}' to "
+                 f"{current[0].target}" if current else "applying LoRAs")
+        raise LoraError(f"{where} failed ({type(exc).__name__}: {exc}); every change was undone, the model "
+                        "is as before.") from exc
     finally:
-        for tf in files:
+        for tf in plan.files:
             tf.close()
-    report = LoraReport(mode, tuple(reports), undo)
+    if mode == "merge":
+        undo.commit()
+        report = LoraReport(mode, tuple(plan.reports))
+    else:
+        report = LoraReport(mode, tuple(plan.reports), [h.remove for h in handles] + [undo.rollback])
     log.info(report.line())
     return report
 

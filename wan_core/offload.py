@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BlockSwap", "DeviceBytes", "on_device", "module_bytes", "block_bytes", "pin_limit_bytes"]
+__all__ = ["BlockSwap", "DeviceBytes", "on_device", "module_bytes", "block_bytes", "pin_limit_bytes", "meminfo_bytes"]
 
 log = logging.getLogger("wan_core")
 
@@ -50,17 +50,24 @@ def block_bytes(blocks: Sequence[nn.Module]) -> list[int]:
     return [module_bytes(b) for b in blocks]
 
 
-def pin_limit_bytes() -> int:
-    """Default cap on pinned RAM: half of physical RAM (pinned pages cannot be swapped out,
-    and Windows/WSL drivers refuse much more than that)."""
+def meminfo_bytes(field: str) -> int | None:
+    """Host RAM figure ``field`` of ``/proc/meminfo`` ("MemTotal", "MemAvailable", ...) in
+    bytes, or None where there is no such file or field (not Linux). The one reader of it."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024 // 2
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 8 << 30
+    return None
+
+
+def pin_limit_bytes() -> int:
+    """Default cap on pinned RAM: half of physical RAM (pinned pages cannot be swapped out,
+    and Windows/WSL drivers refuse much more than that); 8 GiB when RAM is unknown."""
+    total = meminfo_bytes("MemTotal")
+    return total // 2 if total is not None else 8 << 30
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,9 @@ class BlockSwap:
         self.compute_device = torch.device(compute_device)
         self.offload_device = torch.device(offload_device)
         if self.compute_device.type == "cuda" and self.compute_device.index is None:
-            self.compute_device = torch.device("cuda", torch.cuda.current_device())
+            # without a CUDA runtime (a fake device, wan_core.memsim) there is only device 0
+            index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+            self.compute_device = torch.device("cuda", index)
         self.pin_memory = pin_memory
         self.prefetch = prefetch
         self._blocks: nn.ModuleList | None = None
@@ -202,7 +211,10 @@ class BlockSwap:
                                       "from pageable memory (slower, same numbers)", RuntimeWarning, stacklevel=2)
                         self._pinned = False
                 p.data = t
-        if dev.type == "cuda" and self._stream is None:
+        if dev.type == "cuda" and self._stream is None and torch.cuda.is_available():
+            # the side stream overlaps copies with compute on a real GPU; on a fake "cuda"
+            # device (no CUDA runtime: wan_core.memsim) the same prefetch order runs without
+            # streams or events, so the simulated peak has the same two blocks in flight
             self._stream = torch.cuda.Stream(device=dev)
         self._blocks = blocks
         self._k = k
@@ -258,6 +270,7 @@ class BlockSwap:
         if self._blocks is not blocks:
             self.setup(blocks)
         k, n = self._k, len(blocks)
+        skip = getattr(inputs, "skip_blocks", ())   # Skip Layer Guidance: these blocks are passed over
         compute = torch.cuda.current_stream(self.compute_device) if self._stream is not None else None
         pending: dict[int, _Copies] = {}
         cur: _Copies | None = None
@@ -266,13 +279,13 @@ class BlockSwap:
                 pending[k] = self._fetch(blocks[k])
             for i, block in enumerate(blocks):
                 if i < k:
-                    tokens = block(tokens, inputs)
+                    tokens = tokens if i in skip else block(tokens, inputs)
                     continue
                 cur = pending.pop(i) if i in pending else self._fetch(block)
                 cur.activate(compute)
                 if self.prefetch and i + 1 < n:
                     pending[i + 1] = self._fetch(blocks[i + 1])   # overlaps with this block's compute
-                tokens = block(tokens, inputs)
+                tokens = tokens if i in skip else block(tokens, inputs)
                 cur.restore()
                 cur = None
         finally:

@@ -2,25 +2,38 @@
 
 ``sample`` runs the DiT under a flow-matching sampler exactly as the official Wan 2.1
 pipelines do (separate conditional / unconditional passes, the official schedules), checks
-every prediction for NaN/Inf at the step where it appears, and reports progress through a
-typed callback. ``generate`` goes from models (or paths) and settings to frames.
+its inputs, the guided prediction of every step and the final latents for NaN/Inf (raising
+:class:`~wan_core.errors.NonFiniteError` at the step where it appears, with the likely
+cause), and reports progress through a typed callback. ``generate`` goes from models (or
+paths) and settings to frames. Every number is checked against :mod:`wan_core.limits` first.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .conditioning import (NEGATIVE_PROMPT, NEGATIVE_PROMPT_FLF2V, NEGATIVE_PROMPT_I2V, ImageEmbeds, TextEmbeds,
-                           check_video_size, encode_image_conditioning, i2v_size, image_to_tensor, latent_shape,
+                           check_conditioning, check_video_size, encode_image_conditioning, i2v_size, image_to_tensor, latent_shape,
                            make_noise)
+from .context_windows import ContextOptions, branch_evaluator, freenoise, latent_frames
+from .errors import NonFiniteError, all_finite, describe_nonfinite_weights
+from .extend import check_overlap, join_videos, noise_known_frames, pin_known_frames
+from .fp8 import is_fp8
+from .guidance import GuidanceOptions, guide
+from .limits import (MAX_FRAMES, MAX_SIZE, check_cfg, check_denoise, check_run_arguments, check_sampler, check_seed,
+                     check_shift, check_steps)
+from .run_plan import Job, RunOptions, prepare_run
 from .runner import DiTRunner
 from .schedulers import flow_schedule, get_sampler, noise_latent
 from .text_cache import PromptCache
-from .vae_tiling import decode_tiled
+from .vace_conditioning import VaceEmbeds, check_vace, encode_vace, vace_model_call
+from .vae_tiling import decode_tiled, encode_tiled
 
 __all__ = ["SamplerSettings", "StepInfo", "NonFiniteError", "sample", "generate", "default_settings",
            "video_to_tensor", "frames_from_video"]
@@ -28,7 +41,12 @@ __all__ = ["SamplerSettings", "StepInfo", "NonFiniteError", "sample", "generate"
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Sampling knobs; defaults are the official T2V ones (see :func:`default_settings`)."""
+    """Sampling knobs; defaults are the official T2V ones (see :func:`default_settings`).
+
+    Checked on construction against :mod:`wan_core.limits` (steps 1..1000, cfg 0..100 and
+    finite, shift in (0, 100], seed 0..2**64-1, denoise in (0, 1], a known sampler):
+    ``ValueError`` naming the limit.
+    """
 
     steps: int = 50
     cfg: float = 5.0
@@ -36,6 +54,15 @@ class SamplerSettings:
     sampler: str = "unipc"       # "unipc" | "dpm++" | "euler"
     seed: int = 0
     denoise: float = 1.0         # < 1: start part-way from input latents (V2V)
+
+    def __post_init__(self) -> None:
+        # limits (wan_core.limits) checked here, so no run can start with a value out of bounds
+        check_steps(self.steps)
+        check_cfg(self.cfg)
+        check_shift(self.shift)
+        check_sampler(self.sampler)
+        check_seed(self.seed)
+        check_denoise(self.denoise)
 
 
 @dataclass(frozen=True)
@@ -48,10 +75,6 @@ class StepInfo:
     timestep: int
     x: Tensor          # latent after the step, [16, T', h, w] normalised
     x0: Tensor         # current clean-latent estimate, for previews
-
-
-class NonFiniteError(RuntimeError):
-    """The DiT produced NaN/Inf; raised at the step where it first appears."""
 
 
 def default_settings(model_type: str, width: int, height: int, **overrides) -> SamplerSettings:
@@ -70,12 +93,16 @@ def default_settings(model_type: str, width: int, height: int, **overrides) -> S
 
 
 def _likely_cause(dit) -> str:
+    """Why the DiT gave NaN/Inf; runs only after a failed check (reads every weight once)."""
+    weights = describe_nonfinite_weights(dit, "DiT")
+    if weights is not None:
+        return weights
     dtypes = {p.dtype for p in dit.parameters()}
     hints = []
     compute = getattr(dit, "resolved_compute_dtype", lambda: None)()
     if compute == torch.float16:
         hints.append("fp16 compute overflows in Wan's attention/FFN: use bf16 (or fp32)")
-    if any(d in (torch.float8_e4m3fn, torch.float8_e5m2) for d in dtypes):
+    if any(is_fp8(d) for d in dtypes):
         hints.append("fp8 weights: try the bf16 file or bf16 storage")
     backend = getattr(dit, "attention_backend", "sdpa")
     if backend != "sdpa":
@@ -93,7 +120,9 @@ def _model_device(dit) -> torch.device:
 def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int, ...] | None = None,
            image: ImageEmbeds | None = None, init_latents: Tensor | None = None,
            callback: Callable[[StepInfo], None] | None = None,
-           interrupt: Callable[[], None] | None = None, runner: DiTRunner | None = None) -> Tensor:
+           interrupt: Callable[[], None] | None = None, runner: DiTRunner | None = None,
+           guidance: GuidanceOptions | None = None, context: ContextOptions | None = None,
+           known_latents: Tensor | None = None, cfg_parallel=None, vace: VaceEmbeds | None = None) -> Tensor:
     """Sample normalised latents ``[16, T', H/8, W/8]`` float32 on the CPU.
 
     shape: latent shape for T2V (``latent_shape(w, h, frames)``); taken from ``image`` for
@@ -102,25 +131,28 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
     every step with a :class:`StepInfo`. interrupt: called before every model evaluation; it
     may raise to stop (models keep no per-run state, so they stay usable). runner: a
     :class:`~wan_core.runner.DiTRunner` over ``dit`` carrying block swap / step caching;
-    default: a plain runner (identical to calling ``dit``).
+    default: a plain runner (identical to calling ``dit``). guidance: SLG / CFG-Zero* / cfg
+    schedule / RIFLEx (:class:`~wan_core.guidance.GuidanceOptions`); context: context windows
+    for long videos (:class:`~wan_core.context_windows.ContextOptions`). None (or the
+    defaults) leaves every number as the official pipeline's. known_latents: normalised
+    latents ``[16, K, H/8, W/8]`` the first K frames are pinned to (video extension, see
+    :mod:`wan_core.extend`). cfg_parallel: a :class:`~wan_core.distributed.CFGParallel`: this
+    process evaluates one CFG branch and receives the other from its partner process.
+    vace: a VACE model's context (:class:`~wan_core.vace_conditioning.VaceEmbeds`, with its
+    strength and step range); the shape follows it and its reference frames are cut from the
+    returned latents.
     """
     cfg = dit.cfg
-    if cfg.has_image_input and image is None:
-        raise ValueError(f"{cfg.variant} is an image-to-video model: give it a start image "
-                         "(image conditioning from the image-to-video encode step).")
-    if not cfg.has_image_input and image is not None:
-        raise ValueError(f"{cfg.variant} is a text-to-video model; it takes no start image. Use an "
-                         "I2V model, or sample without image conditioning.")
-    if image is not None:
-        shape = (16, *image.y.shape[-3:])
-    elif init_latents is not None:
-        shape = tuple(init_latents.shape)
+    if vace is not None:
+        shape = check_vace(cfg, vace, shape, image, init_latents)
+    shape = check_conditioning(cfg, image, shape=shape,
+                               init_shape=None if init_latents is None else tuple(init_latents.shape))
     if shape is None:
         raise ValueError("sample() needs the latent shape (T2V), image conditioning (I2V) or init latents (V2V).")
-    if settings.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {settings.steps}")
+    _check_latent_shape(tuple(shape))
     if init_latents is None and settings.denoise < 1.0:
         raise ValueError("denoise < 1 needs input latents to start from (video-to-video); use denoise 1.0.")
+    _check_finite_inputs(text, image, init_latents)
 
     runner = runner if runner is not None else DiTRunner(dit)
     if runner.dit is not dit:
@@ -128,10 +160,19 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
     device = _model_device(dit)
     schedule = flow_schedule(settings.steps, settings.shift, settings.sampler, settings.denoise)
     noise = make_noise(settings.seed, shape)
+    guidance = guidance if guidance is not None else GuidanceOptions()
+    windowed = context is not None and context.active(shape[1])
+    if windowed and context.freenoise:
+        noise = freenoise(noise, context.latent_length, context.latent_overlap, settings.seed)
+    for line in (context.describe(shape[1]) if windowed else "", guidance.describe()):
+        if line:
+            logging.getLogger("wan_core").info("wan_core plan: sampling: %s", line)
     if init_latents is not None:
         x = noise_latent(init_latents.float().cpu(), noise, schedule.sigmas[0])
     else:
         x = noise
+    if known_latents is not None:   # extension: the overlap frames start at the source, noised
+        x = noise_known_frames(x, known_latents.float().cpu(), noise, schedule.sigmas[0])
     x = x.to(device)[None]
 
     pos = text.positive.to(device)[None]
@@ -139,25 +180,44 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
     y = clip = None
     if image is not None:
         y, clip = image.y.to(device)[None], image.clip_fea.to(device)[None]
+    if vace is not None:   # the VACE context rides as y: context windows slice it with the latents
+        y = vace.latents.to(device)[None]
     total = schedule.steps
     step = {"i": 0}
     runner.begin_run(total)
+    evaluate = branch_evaluator(runner if vace is None else vace_model_call(runner, vace), clip, y, shape[1],
+                                guidance, context)
 
-    def check(v: Tensor, which: str) -> Tensor:
-        if not torch.isfinite(v).all():
-            raise NonFiniteError(
-                f"step {step['i'] + 1}/{total}: the {which} prediction of {cfg.variant} contains NaN/Inf. "
-                f"Likely cause: {_likely_cause(dit)}.")
-        return v
+    def check(guided: Tensor, cond: Tensor, uncond: Tensor | None, scale: float) -> Tensor:
+        # one pass over the guided prediction (what the solver uses); the branches are looked
+        # at only once it failed, to say which one broke
+        if all_finite(guided):
+            return guided
+        where = f"step {step['i'] + 1}/{total}"
+        for v, which in ((cond, "conditional"), (uncond, "unconditional")):
+            if v is not None and not all_finite(v):
+                raise NonFiniteError(f"{where}: the {which} prediction of {cfg.variant} contains NaN/Inf. "
+                                     f"Likely cause: {_likely_cause(dit)}.")
+        raise NonFiniteError(f"{where}: the guided prediction of {cfg.variant} (cfg {scale:g}) contains "
+                             "NaN/Inf although both branches are finite. Likely cause: cfg x (cond - uncond) "
+                             "overflows; lower cfg or compute in float32.")
 
     def model_fn(xt: Tensor, timestep: Tensor) -> Tensor:
         t = timestep.to(device)
-        runner.begin_step(step["i"])   # every solver here evaluates the model once per step
-        cond = check(runner(xt, t, pos, clip, y, branch="cond"), "conditional")
-        if settings.cfg == 1.0:  # guidance off: the unconditional pass would not change the result
-            return cond
-        uncond = check(runner(xt, t, neg, clip, y, branch="uncond"), "unconditional")
-        return uncond + settings.cfg * (cond - uncond)
+        i = step["i"]
+        runner.begin_step(i)   # every solver here evaluates the model once per step
+        if i < guidance.zero_init_steps:   # CFG-Zero* zero-init: x0 estimate = x on these steps
+            return torch.zeros_like(xt)
+        scale = guidance.cfg_at(i, settings.cfg)
+        if cfg_parallel is not None and scale != 1.0:   # the two branches on two process groups at once
+            cond, uncond = cfg_parallel.pair(lambda: evaluate(xt, t, pos, "cond", i),
+                                             lambda: evaluate(xt, t, neg, "uncond", i, guidance.skip_blocks_at(i, total)))
+            return check(guide(cond, uncond, scale, guidance.cfg_zero_star), cond, uncond, scale)
+        cond = evaluate(xt, t, pos, "cond", i)
+        if scale == 1.0:  # guidance off: the unconditional pass would not change the result
+            return check(cond, cond, None, scale)
+        uncond = evaluate(xt, t, neg, "uncond", i, guidance.skip_blocks_at(i, total))
+        return check(guide(cond, uncond, scale, guidance.cfg_zero_star), cond, uncond, scale)
 
     def on_step(d: dict) -> None:
         step["i"] = d["i"] + 1
@@ -165,8 +225,42 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
             callback(StepInfo(step=d["i"] + 1, total=d["total"], sigma=float(d["sigma"]), timestep=int(d["timestep"]),
                               x=d["x"][0], x0=d["denoised"][0]))
 
+    if known_latents is not None:
+        model_fn = pin_known_frames(model_fn, known_latents.float(), schedule.sigmas, lambda: step["i"])
     out = get_sampler(settings.sampler)(model_fn, x, schedule, callback=on_step, interrupt=interrupt)
-    return out[0].float().cpu()
+    if not all_finite(out):  # finite predictions can still add up to an overflow in the solver
+        raise NonFiniteError(f"the final latents of {cfg.variant} ({settings.sampler}, {total} steps) contain "
+                             f"NaN/Inf although every prediction was finite. Likely cause: the sampler diverged "
+                             f"(cfg {settings.cfg:g}, shift {settings.shift:g} too extreme); use the official "
+                             "settings.")
+    return out[0].float().cpu() if vace is None else vace.trim(out[0].float().cpu())
+
+
+def _check_latent_shape(shape: tuple[int, ...]) -> None:
+    """Refuse a latent shape beyond the size limits before any noise is drawn."""
+    max_t, max_hw = (MAX_FRAMES - 1) // 4 + 1, MAX_SIZE // 8
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"the latent shape must be (16, T', H/8, W/8) with every size at least 1; got {shape}.")
+    if shape[1] > max_t or shape[2] > max_hw or shape[3] > max_hw:
+        raise ValueError(f"latent shape {shape} is above the limits: at most {max_t} latent frames "
+                         f"(MAX_FRAMES {MAX_FRAMES}) and {max_hw} latent pixels per side (MAX_SIZE {MAX_SIZE}), "
+                         "see wan_core.limits.")
+
+
+def _check_finite_inputs(text: TextEmbeds, image: ImageEmbeds | None, init_latents: Tensor | None) -> None:
+    """NaN/Inf in an input would reach every step: refuse it before sampling, naming its source."""
+    inputs = [(text.positive, "the prompt embedding", "the text encoder (check its weights; fp16 umT5 overflows, "
+                                                       "use bf16 or fp32)"),
+              (text.negative, "the negative prompt embedding", "the text encoder (check its weights; fp16 umT5 "
+                                                                 "overflows, use bf16 or fp32)")]
+    if image is not None:
+        inputs += [(image.y, "the image conditioning (mask + VAE latents)", "the VAE encode or the start image"),
+                   (image.clip_fea, "the CLIP vision features", "the CLIP vision model or the start image")]
+    if init_latents is not None:
+        inputs.append((init_latents, "the input latents (video-to-video)", "the VAE encode or the loaded LATENT"))
+    for tensor, what, source in inputs:
+        if not all_finite(tensor):
+            raise NonFiniteError(f"{what} contains NaN/Inf, so every step would too. Likely cause: {source}.")
 
 
 def video_to_tensor(frames: Tensor) -> Tensor:
@@ -191,6 +285,22 @@ def _load(kind: str, value, device, dtype=None):
     return fn(value, device=device) if dtype is None else fn(value, dtype=dtype, device=device)
 
 
+_STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _load_dit(value, options: RunOptions, device: torch.device):
+    """A DiT path loaded with ``options.weight_dtype`` storage; a loaded model as it is."""
+    from . import loaders
+
+    if not isinstance(value, (str, os.PathLike)):
+        return value
+    wd = options.weight_dtype
+    if wd in _STORAGE:
+        return loaders.load_dit(value, dtype=_STORAGE[wd], device=device, attention=options.attention)
+    fp8 = wd if wd is not None and wd.startswith("fp8") else None
+    return loaders.load_dit(value, device=device, weight_dtype=fp8, attention=options.attention)
+
+
 def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_prompt: str = "",
              image: Tensor | None = None, end_image: Tensor | None = None, video: Tensor | None = None,
              width: int | None = None, height: int | None = None, frames: int = 81, max_area: int = 832 * 480,
@@ -198,7 +308,10 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
              sampler: str = "unipc", seed: int = 0, denoise: float = 1.0, device: str | torch.device = "cpu",
              callback: Callable[[StepInfo], None] | None = None,
              interrupt: Callable[[], None] | None = None, prompt_cache: PromptCache | None = None,
-             runner: DiTRunner | None = None, vae_tile="auto") -> Tensor:
+             options: RunOptions | None = None, guidance: GuidanceOptions | None = None,
+             context: ContextOptions | None = None, extend: Tensor | None = None,
+             extend_overlap: int = 17, control_video: Tensor | None = None, control_mask: Tensor | None = None,
+             reference_images: Sequence[Tensor] = (), vace_strength: float = 1.0, parallel=None) -> Tensor:
     """The whole job: models or checkpoint paths + settings -> frames ``[T, H, W, 3]`` in 0..1.
 
     T2V: ``prompt`` (+ width/height, default 832x480). I2V: add ``image`` ``[H, W, C]`` in 0..1
@@ -208,24 +321,61 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
     to the official values for the model type. Sizes are checked before any model runs.
     ``prompt_cache``: a :class:`~wan_core.text_cache.PromptCache`; prompts found there run no
     text encoder (and, given as a path, load none). A text encoder loaded here from a path is
-    dropped right after encoding, before sampling. ``runner``: a :class:`DiTRunner` over the
-    (loaded) ``dit`` carrying block swap or a step cache. ``vae_tile``: "auto" (untiled when the
-    frame fits the memory budget, else tiled, retrying smaller tiles on out-of-memory), None
-    (untiled) or a tile size in latent pixels (see :func:`wan_core.vae_tiling.decode_tiled`).
+    dropped right after encoding, before sampling.
+
+    Memory and speed go through one :func:`wan_core.run_plan.prepare_run` plan on ``device``:
+    ``options`` (:class:`~wan_core.run_plan.RunOptions`: VRAM budget, resident blocks, text
+    encoder device, VAE tiling, LoRAs, step cache, compile; default: auto). Models given as
+    paths are loaded resting on the CPU (the DiT with ``options.weight_dtype`` and
+    ``options.attention``); every model, given or loaded, gets device copies of its weights
+    only while its stage runs, and each stage logs one plan line.
+
+    Long videos: ``guidance`` / ``context`` as in :func:`sample`. ``extend``: frames
+    ``[T, H, W, 3]`` to continue (:mod:`wan_core.extend`): the new clip of ``frames`` starts with
+    their last ``extend_overlap`` frames (4n+1) pinned, I2V models start from their last frame
+    (unless ``image`` is given), and the result is the source joined to the new clip with a
+    cross-fade over the overlap (``T + frames - extend_overlap`` frames); pass it again to chain.
+
+    VACE (a Wan2.1-VACE model): ``control_video`` ``[F, H, W, 3]`` in 0..1 (depth, pose, edges,
+    or the frames to keep), ``control_mask`` ``[F, H, W]`` in 0..1 (1 = generate), ``reference_images``
+    (``[h, w, 3]`` each), ``vace_strength`` (official 1.0); see :mod:`wan_core.vace_conditioning`.
+    Without a control video the size is as for T2V; with one and no width/height, it is the video's.
+    A VACE model given none of them runs the official no-control context (grey video, full mask).
+
+    ``parallel``: this process's :class:`~wan_core.distributed.ParallelGroups` when several
+    processes share the sampling (every rank calls ``generate`` with the same arguments and
+    gets the same frames).
     """
-    dit = _load("dit", dit, device)
+    # every number is checked against wan_core.limits before any model is loaded or runs
+    sizes = (width, height, frames)
+    if video is not None and video.ndim == 4:  # V2V: the size is the input video's
+        sizes = (video.shape[2], video.shape[1], video.shape[0])
+    check_run_arguments(width=sizes[0], height=sizes[1], frames=sizes[2],
+                        max_area=max_area if image is not None else None, steps=steps, cfg=cfg, shift=shift,
+                        sampler=sampler, seed=seed, denoise=denoise)
+    options = options if options is not None else RunOptions()
+    offload = torch.device("cpu")   # where every model rests between its stages
+    dit = _load_dit(dit, options, offload)
     kind = dit.cfg.model_type
-    if image is None and end_image is not None:
-        raise ValueError("end_image needs a start image too (first-last-frame to video).")
-    if end_image is not None and kind != "flf2v":
-        raise ValueError(f"{dit.cfg.variant} is not a first-last-frame model; end_image needs an FLF2V model.")
-    if dit.cfg.has_image_input and image is None:
-        raise ValueError(f"{dit.cfg.variant} is an image-to-video model: pass image=...")
-    if not dit.cfg.has_image_input and image is not None:
-        raise ValueError(f"{dit.cfg.variant} is a text-to-video model; it takes no image. Use an I2V model.")
+    if extend is not None:
+        if video is not None:
+            raise ValueError("extend (continue a video) and video (video-to-video) cannot be combined.")
+        check_overlap(extend_overlap, extend.shape[0], frames)
+        image = extend[-1] if dit.cfg.has_image_input and image is None else image   # I2V: from the last frame
+        if (width, height) not in ((None, None), (extend.shape[2], extend.shape[1])):
+            raise ValueError(f"extend: the video is {extend.shape[2]}x{extend.shape[1]}, but {width}x{height} was "
+                             "asked; a continuation has the source's size (leave width/height unset).")
+        width, height = extend.shape[2], extend.shape[1]
+    check_conditioning(dit.cfg, image is not None, end_image=end_image is not None)
     img = image_to_tensor(image) if image is not None else None
     if video is not None:
         frames, height, width = video.shape[0], video.shape[1], video.shape[2]
+    vace_inputs = control_video is not None or control_mask is not None or len(reference_images) > 0
+    if vace_inputs and not dit.cfg.vace_layers:
+        raise ValueError(f"control_video / control_mask / reference_images need a VACE model; {dit.cfg.variant} "
+                         "is not one (load Wan2.1-VACE-1.3B or -14B).")
+    if control_video is not None and width is None and height is None:   # VACE: the control video's size
+        frames, height, width = control_video.shape[0], control_video.shape[1], control_video.shape[2]
     if img is not None and (width is None or height is None):
         width, height = i2v_size(img.shape[1], img.shape[2], max_area)
     width = 832 if width is None else width
@@ -236,22 +386,59 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
 
     default_neg = {"t2v": NEGATIVE_PROMPT, "i2v": NEGATIVE_PROMPT_I2V, "flf2v": NEGATIVE_PROMPT_FLF2V}[kind]
     prompts = [prompt, negative_prompt or default_neg]
-    if prompt_cache is None:
-        pos, neg = _load("t5", text_encoder, device).encode(prompts)
-    else:  # the encoder is loaded (from a path) only when a prompt is missing
-        pos, neg = prompt_cache.encode(prompt_cache.identity(text_encoder), prompts,
-                                       lambda missing: _load("t5", text_encoder, device).encode(missing))
-    text = TextEmbeds(pos.float().cpu(), neg.float().cpu())
-    vae = _load("vae", vae, device)
-    image_embeds = init = None
+    # guidance / context: as in sample(); with context windows the DiT's memory plan is one window's
+    plan_frames = frames if context is None or not context.active(latent_frames(frames)) else context.context_frames
+    # the VAE and CLIP are loaded (resting on the CPU) before the plan, so it sizes their stages
+    # too and refuses a budget too small for them before any model runs
+    vae = _load("vae", vae, offload)
+    clip = None
     if img is not None:
-        clip = _load("clip", clip_vision, device)
+        clip = _load("clip", clip_vision, offload)
         if clip is None:
             raise ValueError("image-to-video needs clip_vision (CLIP ViT-H/14).")
-        end = image_to_tensor(end_image) if end_image is not None else None
-        image_embeds = encode_image_conditioning(vae, clip, img, frames, width, height, end)
-    if video is not None:
-        init = vae.encode(video_to_tensor(video))[0].float().cpu()
-    latents = sample(dit, text, settings, shape=latent_shape(width, height, frames), image=image_embeds,
-                     init_latents=init, callback=callback, interrupt=interrupt, runner=runner)
-    return frames_from_video(decode_tiled(vae, latents[None], tile=vae_tile))
+    encodes = img is not None or video is not None or extend is not None or bool(dit.cfg.vace_layers)
+    job = Job(width, height, frames, settings.steps, encode_video=encodes)   # what is encoded and decoded
+    with prepare_run(dit, dataclasses.replace(job, frames=plan_frames), options, device, offload, vae=vae,
+                     clip_vision=clip) as plan:
+        def encode(missing: list[str]) -> list[Tensor]:
+            te = _load("t5", text_encoder, offload)
+            with plan.text_encoder(te):
+                return te.encode(list(missing))
+
+        if prompt_cache is None:
+            pos, neg = encode(prompts)
+        else:  # the encoder is loaded (from a path) only when a prompt is missing
+            pos, neg = prompt_cache.encode(prompt_cache.identity(text_encoder), prompts, encode)
+        text = TextEmbeds(pos.float().cpu(), neg.float().cpu())
+        image_embeds = init = None
+        if img is not None:
+            end = image_to_tensor(end_image) if end_image is not None else None
+            with plan.image_encode(vae, clip, job=job) as tiles:
+                image_embeds = encode_image_conditioning(vae, clip, img, frames, width, height, end,
+                                                         vae_tile=tiles.tile)
+        if video is not None:
+            with plan.image_encode(vae, what="VAE (input video)", job=job) as tiles:
+                init = encode_tiled(vae, video_to_tensor(video), **tiles.kwargs())[0].float().cpu()
+        vace_embeds = None
+        if dit.cfg.vace_layers:
+            with plan.image_encode(vae, what="VAE (VACE context)", job=job) as tiles:
+                vace_embeds = encode_vace(vae, width, height, frames, control_video=control_video,
+                                          control_mask=control_mask, reference_images=reference_images,
+                                          strength=vace_strength, vae_tile=tiles.tile)
+        known = None
+        if extend is not None:
+            overlap_job = dataclasses.replace(job, frames=extend_overlap)
+            with plan.image_encode(vae, what="VAE (extension overlap)", job=overlap_job) as tiles:
+                overlap = video_to_tensor(extend[-extend_overlap:])
+                known = encode_tiled(vae, overlap, **tiles.kwargs())[0].float().cpu()
+        with plan.sampling() as runner:
+            if parallel is not None:   # several processes share each step (wan_core.distributed)
+                runner = parallel.wrap_runner(runner)
+            latents = sample(dit, text, settings, shape=latent_shape(width, height, frames), image=image_embeds,
+                             init_latents=init, callback=callback, interrupt=interrupt, runner=runner,
+                             guidance=guidance, context=context, known_latents=known, vace=vace_embeds,
+                             cfg_parallel=None if parallel is None else parallel.cfg_parallel())
+        with plan.decode(vae, job) as tiling:
+            decoded = decode_tiled(vae, latents[None], output_device="cpu", **tiling.kwargs())
+    out = frames_from_video(decoded)
+    return out if extend is None else join_videos(extend, out, extend_overlap)

@@ -8,49 +8,82 @@ and it returns a :class:`MemoryPlan`: how many DiT blocks stay resident (the res
 streamed by :class:`wan_core.offload.BlockSwap`), whether the text encoder runs on the CPU,
 and the VAE tile size. ``plan.describe()`` is the one log line.
 
-Stages are assumed exclusive on the device (text encoder, then the DiT, then the VAE; each
-releases its device copies when done), so each is planned against the whole budget.
+Stages are assumed exclusive on the device (text encoder, then CLIP + the VAE encode of
+the guide video, then the DiT, then the VAE decode; each releases its device copies when
+done), so each is planned against the whole budget. :class:`StagePeaks` holds each stage's
+estimated peak device bytes (the reserve excluded); every figure below was checked against
+the real code run at real shapes on a simulated GPU (:mod:`wan_core.memsim`,
+``bench/simulated_vram.py``): the estimate is never below the simulated peak and at most
+15 % above it.
 
 DiT activation estimate (bytes, batch 1: the CFG passes run one after the other), with L
 tokens, d = dim, f = ffn_dim, h = heads, c = bytes of the compute dtype (2 for bf16/fp16):
 
-    act(L) = L * (12 d + max(12 d + 4 c d, c d + 2 c f) + 4 h) + attn(L) + upcast + context
+    act(L) = L * (max(20 d + 2 c d, 12 d + c d + 2 c f) + 4 h + latent) + attn(L) + upcast + context + 64 MiB
 
-- ``12 d``: three float32 ``[L, d]`` tensors live through a block: the block input (held by
-  the executor), the updated residual stream and the modulated norm output;
-- ``12 d + 4 c d``: the attention phase: q, k, v and the attention output in the compute
-  dtype, plus three float32 ``[L, d]`` temporaries of the q/k RMSNorm and RoPE;
-- ``c d + 2 c f``: the FFN phase: its input in the compute dtype and the hidden
-  ``[L, f]`` before and after GELU;
-- ``4 h``: the float32 log-sum-exp rows of memory-efficient SDPA / flash / sage;
-  ``attn(L)`` is 0 for those and ``h L^2 (c + 4)`` for "math" (full score matrix + float32
-  softmax), which is why the planner only assumes memory-efficient kernels for "sdpa";
+- ``8 d`` of both phases: two float32 ``[L, d]`` tensors live through every block: the
+  tokens of ``prepare`` (held by the runner for the step cache) and the block input (held
+  by the executor);
+- ``20 d + 2 c d``: the attention phases: the norm output in the compute dtype and q (or
+  the residual stream, float32, in the cross attention), the float32 RMSNorm copy and square
+  or the float32 RoPE temporaries of k;
+- ``12 d + c d + 2 c f``: the FFN phase (the larger one for both published widths): the
+  residual stream, its modulated norm in the compute dtype and the hidden ``[L, f]``
+  before and after GELU;
+- ``4 h``: the float32 log-sum-exp rows of flash / memory-efficient SDPA (flash-attn: the
+  same); ``attn(L)`` is 0 for those and ``h L^2 (c + 4)`` for "math" (full score matrix +
+  float32 softmax), which is why the planner only assumes memory-efficient kernels for
+  "sdpa". Sage's int8 / fp8 copies of q, k, v (``6 d`` per token,
+  :func:`wan_core.memsim.attention_workspace_bytes`) come on top of ``8 d`` + the norm
+  output, q, k, v and the output in the compute dtype at the call: ``8 d + 5 c d + 6 d``,
+  which the attention phase's ``20 d + 2 c d`` covers for c = 2;
+- ``latent``: the float32 RoPE tables (``4 head_dim``) and the latent-sized buffers of the
+  step (noisy latent, conditional velocity, I2V ``y``): ``16 (2 out_dim + in_dim - out_dim)``;
 - ``upcast``: fp8 (or other non-compute-dtype) weights are upcast per layer: a float32 and a
   compute-dtype copy of the largest Linear, ``n (4 + c)``;
 - ``context``: text (512 tokens) and image (257/514) keys and values of the cross attention,
-  ``4 c d`` per context token.
+  ``4 c d`` per context token; 64 MiB for the small per-step tensors.
 
-For the 14B models at 480p x 81 (L = 32760, d 5120, f 13824, bf16) this is 5.4 GiB; for
-1.3B (d 1536, f 8960) 1.8 GiB. It errs high: counted tensors are not all alive at once.
+For the 14B models at 480p x 81 (L = 32760, d 5120, f 13824, bf16) this is 4.0 GiB; for
+1.3B (d 1536, f 8960) 1.85 GiB.
+
+VAE working sets are per latent pixel of the area decoded / encoded at once (a tile is
+``t x t`` latent px, its overlap included), float32 Wan VAE, steady-state chunk with its
+feature cache, simulated: decode 1,169,920 B, encode 874,112 B (exactly linear in the area
+from 16x16 to 90x160); the planner adds 5 % for what the simulation does not see (cuDNN
+convolution workspaces). An untiled decode also holds the whole output video on the
+device (:meth:`wan_core.vae.WanVAE.decode`); a tiled one streams it to the CPU.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["GiB", "DiTSizes", "MemoryPlan", "PlanError", "dit_sizes", "dit_sizes_from_module", "tokens_for",
-           "dit_activation_bytes", "vae_decode_bytes", "plan_memory", "free_vram_bytes", "module_param_bytes",
-           "DEFAULT_RESERVE", "VAE_TILES"]
+from .attention import BACKENDS
+from .configs import LATENT_CHANNELS, VAE_SPACE_STRIDE, VAE_TIME_STRIDE
+
+__all__ = ["GiB", "DiTSizes", "MemoryPlan", "PlanError", "StagePeaks", "dit_sizes", "dit_sizes_from_module",
+           "tokens_for", "dit_activation_bytes", "vae_decode_bytes", "vae_encode_bytes", "clip_vision_bytes_needed",
+           "plan_memory", "plan_vae", "VaePlan", "free_vram_bytes", "module_param_bytes", "DEFAULT_RESERVE",
+           "VAE_TILES", "TEXT_ENCODER_WORKSPACE"]
 
 GiB = 1 << 30
 MiB = 1 << 20
 # Kept free for the allocator's fragmentation, cuBLAS workspaces and kernels' scratch.
 DEFAULT_RESERVE = 512 * MiB
-# VAE decode working set: wan_core.vae_tiling's measured per-latent-pixel figure (vae_decode_bytes).
 VAE_TILES: tuple[int, ...] = (128, 96, 64, 48, 32, 24, 16)   # candidate tile sides, latent px
-TEXT_ENCODER_WORKSPACE = 256 * MiB  # umT5 activations for 512 tokens, with margin
+# Device bytes per latent pixel of the float32 Wan VAE (dim 96): simulated + 5 % (module docstring).
+VAE_DECODE_BYTES_PER_LATENT_PIXEL = 1_230_000
+VAE_ENCODE_BYTES_PER_LATENT_PIXEL = 920_000
+# umT5-XXL, both prompts (batch 2) at 512 tokens, bf16: per layer the position bias, the
+# scores in bf16 and float32 and the float32 softmax, B H L^2 (2c + 8), plus eight
+# [B, L, dim] hidden-state tensors (simulated: 426 MiB).
+TEXT_ENCODER_WORKSPACE = 2 * 64 * 512 * 512 * (2 * 2 + 8) + 8 * 2 * 512 * 4096 * 2     # 448 MiB
+# CLIP ViT-H/14 on one image: its 257 tokens are tiny; the image itself goes to the device
+# in float32 before the resize (3 H W 4 bytes, twice: input and normalised copy) + 16 MiB.
+CLIP_WORKSPACE_FIXED = 16 * MiB
+DIT_STEP_FIXED = 64 * MiB
 _STORAGE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
                   "fp8": 1, "fp8_e4m3fn": 1, "fp8_e5m2": 1}
-_LINEAR_ATTN = ("sdpa", "auto", "flash", "sage")
 
 
 class PlanError(ValueError):
@@ -69,6 +102,9 @@ class DiTSizes:
     num_heads: int
     largest_linear: int            # elements of the largest block Linear weight
     upcast: bool                   # weights are stored in another dtype than they compute in
+    in_dim: int = 16               # latent channels in (16 T2V, 36 I2V/FLF2V: + mask and image latents)
+    out_dim: int = 16
+    head_dim: int = 128
 
     @property
     def num_blocks(self) -> int:
@@ -101,8 +137,10 @@ def dit_sizes(cfg, storage: str = "bf16", compute: str = "bf16") -> DiTSizes:
 
     nbytes = _storage_bytes(storage)
     is_fp8 = storage.startswith("fp8")
-    with torch.device("meta"):
-        model = WanDiT(cfg)
+    from .vace import WanVaceDiT
+
+    with torch.device("meta"):   # a VACE model's vace blocks stay resident: counted in ``other``
+        model = WanVaceDiT(cfg) if getattr(cfg, "vace_layers", ()) else WanDiT(cfg)
     linear_w = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, CastLinear)}
     per_block = [0] * cfg.num_layers
     other = 0
@@ -122,20 +160,25 @@ def dit_sizes(cfg, storage: str = "bf16", compute: str = "bf16") -> DiTSizes:
             other += size
     return DiTSizes(name=f"{cfg.variant} {storage}", block_bytes=tuple(per_block), other_bytes=other, dim=cfg.dim,
                     ffn_dim=cfg.ffn_dim, num_heads=cfg.num_heads, largest_linear=largest,
-                    upcast=is_fp8 or nbytes != _storage_bytes(compute))
+                    upcast=is_fp8 or nbytes != _storage_bytes(compute), in_dim=cfg.in_dim, out_dim=cfg.out_dim,
+                    head_dim=cfg.head_dim)
 
 
 def dit_sizes_from_module(dit, compute_bytes: int = 2) -> DiTSizes:
-    """Sizes of a loaded WanDiT, from its actual parameters."""
+    """Sizes of a loaded WanDiT, from its actual parameters (bytes as stored: fp8 with its
+    scales, GGUF blocks as quantized; ``largest_linear`` in real ``out * in`` elements)."""
+    from torch import nn
+
     from .offload import module_bytes
 
     blocks = tuple(module_bytes(b) for b in dit.blocks)
-    largest = max((m.weight.numel() for b in dit.blocks for m in b.modules() if hasattr(m, "weight")
-                   and m.weight is not None and m.weight.dim() == 2), default=0)
+    largest = max((m.in_features * m.out_features for b in dit.blocks for m in b.modules()
+                   if isinstance(m, nn.Linear)), default=0)
     w = dit.blocks[0].self_attn.q.weight
     return DiTSizes(name=dit.cfg.variant, block_bytes=blocks, other_bytes=module_bytes(dit) - sum(blocks),
                     dim=dit.cfg.dim, ffn_dim=dit.cfg.ffn_dim, num_heads=dit.cfg.num_heads, largest_linear=largest,
-                    upcast=w.element_size() != compute_bytes)
+                    upcast=w.element_size() != compute_bytes, in_dim=dit.cfg.in_dim, out_dim=dit.cfg.out_dim,
+                    head_dim=dit.cfg.head_dim)
 
 
 def module_param_bytes(module_cls, cfg, bytes_per_param: float) -> int:
@@ -150,29 +193,56 @@ def module_param_bytes(module_cls, cfg, bytes_per_param: float) -> int:
 def tokens_for(width: int, height: int, frames: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
     """DiT token count of a video: latent ``((frames-1)/4+1, H/8, W/8)`` over the patch.
     832x480x81 -> 21 * 30 * 52 = 32760."""
-    t = (frames - 1) // 4 + 1
-    return (t // patch[0]) * (height // 8 // patch[1]) * (width // 8 // patch[2])
+    t = (frames - 1) // VAE_TIME_STRIDE + 1
+    return (t // patch[0]) * (height // VAE_SPACE_STRIDE // patch[1]) * (width // VAE_SPACE_STRIDE // patch[2])
 
 
 def dit_activation_bytes(dit: DiTSizes, tokens: int, attention: str = "sdpa", compute_bytes: int = 2,
                          context_tokens: int = 512 + 257) -> int:
     """The module docstring's activation estimate, in bytes."""
     d, f, h, c, n = dit.dim, dit.ffn_dim, dit.num_heads, compute_bytes, tokens
-    per_token = 12 * d + max(12 * d + 4 * c * d, c * d + 2 * c * f) + 4 * h
-    attn = 0 if attention in _LINEAR_ATTN else h * n * n * (c + 4)
+    latent = 4 * dit.head_dim + 16 * (2 * dit.out_dim + dit.in_dim - dit.out_dim)
+    per_token = max(20 * d + 2 * c * d, 12 * d + c * d + 2 * c * f) + 4 * h + latent
+    attn = 0 if attention in BACKENDS else h * n * n * (c + 4)   # every backend but "math" is memory-efficient
     upcast = dit.largest_linear * (4 + c) if dit.upcast else 0
-    return n * per_token + attn + upcast + context_tokens * 4 * c * d
+    return n * per_token + attn + upcast + context_tokens * 4 * c * d + DIT_STEP_FIXED
 
 
 def vae_decode_bytes(vae_bytes: int, tile_hw: tuple[int, int]) -> int:
-    """Weights + decode working set for a ``(h, w)`` latent area decoded at once (the Wan
-    2.1 VAE in float32, its default; the per-pixel figure measured in :mod:`wan_core.vae_tiling`)."""
-    import torch
+    """Weights + device working set of a decode of ``(h, w)`` latent pixels at once (a tile,
+    or the whole frame), the float32 Wan 2.1 VAE; the output video is not included."""
+    return vae_bytes + VAE_DECODE_BYTES_PER_LATENT_PIXEL * tile_hw[0] * tile_hw[1]
 
-    from .configs import VAEConfig
-    from .vae_tiling import decode_activation_bytes
 
-    return vae_bytes + decode_activation_bytes(VAEConfig(), tile_hw, torch.float32)
+def vae_encode_bytes(vae_bytes: int, tile_hw: tuple[int, int]) -> int:
+    """Weights + device working set of an encode of ``(h, w)`` latent pixels at once (4-frame
+    chunks of ``8h x 8w`` pixels with the feature cache), the float32 Wan 2.1 VAE."""
+    return vae_bytes + VAE_ENCODE_BYTES_PER_LATENT_PIXEL * tile_hw[0] * tile_hw[1]
+
+
+def clip_vision_bytes_needed(clip_bytes: int, width: int, height: int) -> int:
+    """Weights + device working set of one CLIP vision encode of a ``width x height`` image."""
+    return clip_bytes + 2 * 3 * width * height * 4 + CLIP_WORKSPACE_FIXED
+
+
+@dataclass(frozen=True)
+class StagePeaks:
+    """Estimated peak device bytes of each stage of a run (the reserve excluded; 0 for a
+    stage that does not run on the device or does not run at all)."""
+
+    text_encoder: int = 0
+    clip_vision: int = 0      # CLIP + the VAE weights (the image-encode stage places both)
+    vae_encode: int = 0       # the I2V guide video (VAE + CLIP weights on the device)
+    dit_step: int = 0         # one step, both CFG passes, under the block swap
+    vae_decode: int = 0
+
+    def items(self) -> list[tuple[str, int]]:
+        return [("text encoder", self.text_encoder), ("CLIP", self.clip_vision), ("VAE encode", self.vae_encode),
+                ("DiT step", self.dit_step), ("VAE decode", self.vae_decode)]
+
+    @property
+    def peak(self) -> int:
+        return max(v for _, v in self.items())
 
 
 @dataclass(frozen=True)
@@ -192,7 +262,9 @@ class MemoryPlan:
     activation_bytes: int
     reserve_bytes: int
     text_encoder_bytes: int
-    vae_peak_bytes: int
+    vae_peak_bytes: int           # VAE decode: weights + working set of one tile (+ output when untiled)
+    vae_encode_tile: int | None = None   # I2V guide-video encode tile side, latent px; None = untiled
+    stages: StagePeaks = StagePeaks()
 
     @property
     def device_weight_bytes(self) -> int:
@@ -223,16 +295,89 @@ def _streaming(blocks: tuple[int, ...], k: int) -> int:
     return sum(rest[:2])
 
 
+def _tile_for(latent_hw: tuple[int, int], fits) -> tuple[int | None, tuple[int, int]]:
+    """(tile side or None for untiled, the area decoded at once): the whole frame when
+    ``fits(area, untiled=True)``, else the largest ``VAE_TILES`` side that fits (a tile is
+    ``t x t`` latent px, its overlap included), else the smallest tile."""
+    h, w = latent_hw
+    if fits((h, w), True):
+        return None, (h, w)
+    for t in VAE_TILES:
+        area = (min(h, t), min(w, t))
+        if t < max(h, w) and fits(area, False):
+            return t, area
+    t = min(VAE_TILES)
+    return t, (min(h, t), min(w, t))
+
+
+@dataclass(frozen=True)
+class VaePlan:
+    """The VAE stages of a job (bytes exclude the reserve): the decode tile, and with
+    ``encode_video`` the encode tile of the I2V / FLF2V guide video or the V2V input video
+    (None = untiled), their peaks, the image-encode stage's CLIP peak, and ``minimum``: the
+    largest of these stages with the smallest tile (what the budget must hold at least)."""
+
+    decode_tile: int | None = None
+    decode_peak: int = 0
+    encode_tile: int | None = None
+    encode_peak: int = 0
+    clip_stage: int = 0
+    minimum: int = 0
+
+
+def plan_vae(budget: int, vae_bytes: int, latent_hw: tuple[int, int] | None, latent_frames: int, *,
+             clip_vision_bytes: int = 0, encode_video: bool = False, reserve: int = DEFAULT_RESERVE) -> VaePlan:
+    """The VAE tiles for ``budget`` bytes (``reserve`` kept free) of a ``latent_hw`` latent
+    frame, ``latent_frames`` latent frames: untiled when the whole frame (and, for a decode,
+    the output video an untiled decode keeps on the device) fits, else the largest tile of
+    ``VAE_TILES`` that fits, else the smallest. :func:`plan_memory` uses it for its VAE
+    figures; the run plan's image-encode and decode stages use it too, so the tiles of a
+    stage are the memory plan's. Never raises: compare ``minimum + reserve`` with the budget."""
+    if latent_hw is None:
+        return VaePlan()
+    h, w = latent_hw
+    room = budget - reserve
+    s, frames = VAE_SPACE_STRIDE, (latent_frames - 1) * VAE_TIME_STRIDE + 1
+    out_video = 3 * frames * h * w * s * s * 4
+    clip_stage = clip_vision_bytes_needed(clip_vision_bytes, w * s, h * s) + vae_bytes if encode_video else 0
+
+    def decode_need(area: tuple[int, int], untiled: bool) -> int:
+        return vae_decode_bytes(vae_bytes, area) + (out_video if untiled else 0)
+
+    def encode_need(area: tuple[int, int], untiled: bool) -> int:
+        latents = 2 * LATENT_CHANNELS * latent_frames * area[0] * area[1] * 4
+        return vae_encode_bytes(vae_bytes, area) + clip_vision_bytes + latents
+
+    if not vae_bytes:
+        return VaePlan(clip_stage=clip_stage)
+    tile, area = _tile_for(latent_hw, lambda a, u: decode_need(a, u) <= room)
+    smallest = (min(h, min(VAE_TILES)), min(w, min(VAE_TILES)))
+    plan = VaePlan(decode_tile=tile, decode_peak=decode_need(area, tile is None), clip_stage=clip_stage,
+                   minimum=decode_need(smallest, False))
+    if not encode_video:
+        return plan
+    encode_tile, area = _tile_for(latent_hw, lambda a, u: encode_need(a, u) <= room)
+    return VaePlan(decode_tile=tile, decode_peak=plan.decode_peak, encode_tile=encode_tile,
+                   encode_peak=encode_need(area, encode_tile is None), clip_stage=clip_stage,
+                   minimum=max(plan.minimum, encode_need(smallest, False), clip_stage))
+
+
 def plan_memory(budget: int, dit: DiTSizes, tokens: int, *, attention: str = "sdpa", compute_bytes: int = 2,
                 text_encoder_bytes: int = 0, vae_bytes: int = 0, latent_hw: tuple[int, int] | None = None,
-                reserve: int = DEFAULT_RESERVE, vae_overlap: int = 8) -> MemoryPlan:
-    """Choose K resident blocks, text-encoder placement and VAE tile for ``budget`` bytes.
+                reserve: int = DEFAULT_RESERVE, vae_overlap: int = 8, clip_vision_bytes: int = 0,
+                encode_video: bool = False) -> MemoryPlan:
+    """Choose K resident blocks, text-encoder placement and VAE tiles for ``budget`` bytes.
 
     K is the largest count whose weights fit beside the non-block weights, two streamed
     blocks (none when K = N), the activation estimate and ``reserve``. The text encoder runs
     on the CPU when its weights + workspace do not fit the budget. The VAE decodes untiled
-    when the whole latent frame ``latent_hw`` fits, else with the largest tile of
-    ``VAE_TILES`` (+ ``vae_overlap`` on each side) that fits.
+    when the whole latent frame ``latent_hw`` (and the output video, which an untiled decode
+    keeps on the device) fits, else with the largest tile of ``VAE_TILES`` that fits.
+    ``encode_video`` (I2V / FLF2V: the guide video is encoded with CLIP vision and the VAE on
+    the device together, ``clip_vision_bytes`` of CLIP weights; V2V: the input video, no
+    CLIP): the same choice for the encode tile (``vae_encode_tile``); see :func:`plan_vae`.
+    ``vae_overlap`` is kept for callers; a tile includes
+    its overlap. ``plan.stages`` holds every stage's estimated peak (reserve excluded).
 
     Raises :class:`PlanError` naming the minimum budget when even K = 0 (or the smallest
     VAE tile) does not fit.
@@ -242,42 +387,41 @@ def plan_memory(budget: int, dit: DiTSizes, tokens: int, *, attention: str = "sd
     act = dit_activation_bytes(dit, tokens, attention, compute_bytes)
     blocks = dit.block_bytes
     n = len(blocks)
+    room = budget - reserve
 
-    def need(k: int) -> int:
-        return dit.other_bytes + sum(blocks[:k]) + (_streaming(blocks, k) if k < n else 0) + act + reserve
+    def dit_need(k: int) -> int:
+        return dit.other_bytes + sum(blocks[:k]) + (_streaming(blocks, k) if k < n else 0) + act
 
-    min_dit = need(0) if n else dit.other_bytes + act + reserve
-    min_vae = vae_decode_bytes(vae_bytes, (min(VAE_TILES) + 2 * vae_overlap,) * 2) + reserve if vae_bytes else 0
-    minimum = max(min_dit, min_vae)
+    # VAE and CLIP stages (only with a latent frame to size them)
+    latent_frames = 0
+    if latent_hw is not None:
+        h, w = latent_hw
+        latent_frames = max(1, tokens // max(1, (h // 2) * (w // 2)))
+    vae = plan_vae(budget, vae_bytes, latent_hw, latent_frames, clip_vision_bytes=clip_vision_bytes,
+                   encode_video=encode_video, reserve=reserve)
+    tile, encode_tile, clip_stage, min_vae = vae.decode_tile, vae.encode_tile, vae.clip_stage, vae.minimum
+    vae_peak, vae_encode_peak = vae.decode_peak, vae.encode_peak
+
+    min_dit = dit_need(0) if n else dit.other_bytes + act
+    minimum = max(min_dit, min_vae) + reserve
     if budget < minimum:
         g = GiB
         raise PlanError(
             f"a budget of {budget / g:.2f} GiB cannot run {dit.name} at {tokens} tokens: the minimum is "
             f"{minimum / g:.2f} GiB (non-block weights {dit.other_bytes / g:.2f} + two streamed blocks "
             f"{_streaming(blocks, 0) / g:.2f} + activations {act / g:.2f} ({attention}) + reserve {reserve / g:.2f}"
-            f"{f'; VAE with the smallest tile {min_vae / g:.2f}' if min_vae > min_dit else ''}). "
+            f"{f'; VAE with the smallest tile {(min_vae + reserve) / g:.2f}' if min_vae > min_dit else ''}). "
             "Lower the resolution or frame count, store the weights in fp8, or free GPU memory.")
-    k = n if need(n) <= budget else max(i for i in range(n + 1) if need(i) <= budget)
-    te_on_cpu = text_encoder_bytes + TEXT_ENCODER_WORKSPACE + reserve > budget if text_encoder_bytes else False
-    tile: int | None = None
-    vae_peak = 0
-    if vae_bytes and latent_hw is not None:
-        vae_peak = vae_decode_bytes(vae_bytes, latent_hw)
-        if vae_peak + reserve > budget:
-            h, w = latent_hw
-            for t in VAE_TILES:
-                area = (min(h, t + 2 * vae_overlap), min(w, t + 2 * vae_overlap))
-                if t < max(h, w) and vae_decode_bytes(vae_bytes, area) + reserve <= budget:
-                    tile, vae_peak = t, vae_decode_bytes(vae_bytes, area)
-                    break
-            else:
-                tile = min(VAE_TILES)
-                vae_peak = vae_decode_bytes(vae_bytes, (min(h, tile + 2 * vae_overlap), min(w, tile + 2 * vae_overlap)))
+    k = n if dit_need(n) <= room else max(i for i in range(n + 1) if dit_need(i) <= room)
+    te_need = text_encoder_bytes + TEXT_ENCODER_WORKSPACE if text_encoder_bytes else 0
+    te_on_cpu = te_need > room if text_encoder_bytes else False
+    stages = StagePeaks(text_encoder=0 if te_on_cpu else te_need, clip_vision=clip_stage,
+                        vae_encode=vae_encode_peak, dit_step=dit_need(k), vae_decode=vae_peak)
     return MemoryPlan(budget=budget, resident_blocks=k, num_blocks=n, text_encoder_on_cpu=te_on_cpu,
                       vae_tile=tile, tokens=tokens, attention=attention, block_bytes=max(blocks, default=0),
                       other_bytes=dit.other_bytes, streaming_bytes=_streaming(blocks, k) if k < n else 0,
                       activation_bytes=act, reserve_bytes=reserve, text_encoder_bytes=text_encoder_bytes,
-                      vae_peak_bytes=vae_peak)
+                      vae_peak_bytes=vae_peak, vae_encode_tile=encode_tile, stages=stages)
 
 
 def free_vram_bytes(device="cuda") -> int | None:

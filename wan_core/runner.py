@@ -14,13 +14,23 @@ run starts with :meth:`DiTRunner.begin_run`. Neither collaborator may change the
 when disabled: the tests compare against a plain ``dit(...)`` bit for bit.
 
 Contract: an executor never modifies ``tokens`` in place (a step cache computes the residual
-``out - tokens`` from the same tensor), and a sampler evaluates each branch once per step.
+``out - tokens`` from the same tensor), passes over the blocks whose index is in
+``inputs.skip_blocks`` (Skip Layer Guidance), and a sampler evaluates each branch once per step.
+
+Per-call options: ``rope`` (:class:`~wan_core.dit.RopeOptions`: positions of a context window,
+RIFLEx) and ``skip_blocks``. A call that skips blocks bypasses the step cache (its residual
+is not the branch's usual one, so it is neither reused nor stored).
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from typing import Protocol
 
 from torch import Tensor, nn
+
+from .configs import DiTConfig
+from .dit import BlockInputs, RopeOptions, WanDiT
 
 __all__ = ["BlockExecutor", "StepCache", "InPlaceBlocks", "DiTRunner"]
 
@@ -28,7 +38,7 @@ __all__ = ["BlockExecutor", "StepCache", "InPlaceBlocks", "DiTRunner"]
 class BlockExecutor(Protocol):
     """Runs the transformer blocks on ``tokens`` ``[B, L, dim]`` (float32) in order."""
 
-    def run(self, blocks: nn.ModuleList, tokens: Tensor, inputs) -> Tensor: ...
+    def run(self, blocks: nn.ModuleList, tokens: Tensor, inputs: BlockInputs) -> Tensor: ...
 
 
 class StepCache(Protocol):
@@ -36,7 +46,7 @@ class StepCache(Protocol):
 
     def begin_run(self, total_steps: int) -> None: ...
 
-    def should_compute(self, branch: str, step: int, tokens: Tensor, inputs) -> bool: ...
+    def should_compute(self, branch: str, step: int, tokens: Tensor, inputs: BlockInputs) -> bool: ...
 
     def store(self, branch: str, tokens_in: Tensor, tokens_out: Tensor) -> None: ...
 
@@ -48,9 +58,11 @@ class StepCache(Protocol):
 class InPlaceBlocks:
     """Default executor: every block runs wherever its weights already are."""
 
-    def run(self, blocks: nn.ModuleList, tokens: Tensor, inputs) -> Tensor:
-        for block in blocks:
-            tokens = block(tokens, inputs)
+    def run(self, blocks: nn.ModuleList, tokens: Tensor, inputs: BlockInputs) -> Tensor:
+        skip = inputs.skip_blocks
+        for i, block in enumerate(blocks):
+            if i not in skip:
+                tokens = block(tokens, inputs)
         return tokens
 
 
@@ -63,7 +75,7 @@ class DiTRunner:
         step_cache: optional :class:`StepCache`.
     """
 
-    def __init__(self, dit, executor: BlockExecutor | None = None, step_cache: StepCache | None = None) -> None:
+    def __init__(self, dit: WanDiT, executor: BlockExecutor | None = None, step_cache: StepCache | None = None) -> None:
         self.dit = dit
         self.executor = executor or InPlaceBlocks()
         self.step_cache = step_cache
@@ -71,7 +83,7 @@ class DiTRunner:
         self.total_steps = 0
 
     @property
-    def cfg(self):
+    def cfg(self) -> DiTConfig:
         return self.dit.cfg
 
     def begin_run(self, total_steps: int) -> None:
@@ -85,9 +97,26 @@ class DiTRunner:
         self.step = step
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None,
-                 y: Tensor | None = None, branch: str = "cond") -> Tensor:
-        """Velocity ``[B, 16, F, H, W]`` float32, as :meth:`WanDiT.forward`."""
-        tokens, inputs = self.dit.prepare(x, t, context, clip_fea, y)
+                 y: Tensor | None = None, branch: str = "cond", *, rope: RopeOptions | None = None,
+                 skip_blocks: Iterable[int] = (), vace_strength: float | None = None) -> Tensor:
+        """Velocity ``[B, 16, F, H, W]`` float32, as :meth:`WanDiT.forward`.
+
+        branch: the step-cache state this call belongs to ("cond", "uncond"; a context window
+        appends ``/w<i>``). rope: positions / RIFLEx. skip_blocks: block indices not run.
+        vace_strength: a VACE DiT's context scale for this call (``y`` is its VACE context).
+        """
+        # rope only when given: the plain call stays the plain call (wrappers and spies see it unchanged)
+        extra = {} if rope is None else {"rope": rope}
+        if vace_strength is not None:
+            extra["vace_strength"] = vace_strength
+        tokens, inputs = self.dit.prepare(x, t, context, clip_fea, y, **extra)
+        skip = frozenset(int(i) for i in skip_blocks)
+        if skip:
+            n = len(self.dit.blocks)
+            if not all(0 <= i < n for i in skip):
+                raise ValueError(f"skip_blocks {sorted(skip)} must be block indices 0..{n - 1}")
+            inputs = dataclasses.replace(inputs, skip_blocks=skip)
+            return self.dit.finish(self.executor.run(self.dit.blocks, tokens, inputs), inputs)
         cache = self.step_cache
         if cache is not None and not cache.should_compute(branch, self.step, tokens, inputs):
             tokens = cache.reuse(branch, tokens)

@@ -20,7 +20,9 @@ from safetensors.torch import save_file
 
 from .configs import CLIPVisionConfig, DiTConfig, T5Config, VAEConfig
 
-__all__ = ["SELFTEST_CONFIGS", "write_selftest_models", "run_selftest"]
+__all__ = ["SELFTEST_CONFIGS", "SELFTEST_SIZE", "write_selftest_models", "run_selftest"]
+
+SELFTEST_SIZE = (64, 48)   # width, height of the selftest videos
 
 _T5 = T5Config(vocab=512, dim=128, dim_attn=128, dim_ffn=256, num_heads=4, num_layers=2)
 _CLIP = CLIPVisionConfig(image_size=112, patch_size=14, width=160, mlp_dim=320, num_layers=3, out_dim=64)
@@ -101,8 +103,8 @@ def write_selftest_models(folder: str | Path, seed: int = 0) -> SelftestModels:
     return paths
 
 
-def run_selftest(device: str = "cpu", out: str | None = None, frames: int = 9, size: tuple[int, int] = (64, 48),
-                 steps: int = 4, seed: int = 0) -> dict[str, float]:
+def run_selftest(device: str = "cpu", out: str | None = None, frames: int = 9,
+                 size: tuple[int, int] = SELFTEST_SIZE, steps: int = 4, seed: int = 0) -> dict[str, float]:
     """Run T2V and I2V on tiny random models; print and return timings (seconds)."""
     from .loaders import load_clip_vision, load_dit, load_text_encoder, load_vae
     from .pipeline import generate

@@ -48,21 +48,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .configs import DiTConfig
-
-if TYPE_CHECKING:
-    from .dit import BlockInputs
+from .dit import BlockInputs
 
 __all__ = ["TeaCache", "MagCache", "MagCalibrator", "CacheCounts", "TEACACHE_COEFFICIENTS", "MAGCACHE_RATIOS",
            "I2V_720P_MIN_PATCHES", "interpolate_ratios", "select_table"]
 
 # Published rescale polynomials, highest degree first; keys: mode -> table.
-# Source: ali-vilab/TeaCache TeaCache4Wan2.1/teacache_generate.py (also peers.md section 4).
+# Source: ali-vilab/TeaCache, TeaCache4Wan2.1/teacache_generate.py.
 TEACACHE_COEFFICIENTS: dict[str, dict[str, tuple[float, ...]]] = {
     "e": {
         "T2V-1.3B": (2.39676752e+03, -1.31110545e+03, 2.01331979e+02, -8.29855975e+00, 1.37887774e-01),
@@ -413,7 +410,7 @@ class MagCache(_ResidualCache):
         table = self._fixed if self._fixed is not None else (MAGCACHE_RATIOS[self.table] if self.table else None)
         if table is None or self.total_steps < 1:
             return None
-        return interpolate_ratios(table[1 if branch == "uncond" else 0::2], self.total_steps)
+        return interpolate_ratios(table[1 if branch.startswith("uncond") else 0::2], self.total_steps)
 
     def _on_begin_run(self) -> None:
         if self._fixed is not None:
@@ -426,7 +423,7 @@ class MagCache(_ResidualCache):
         if self.start_step is not None:
             return step >= self.start_step
         # official: the interleaved call counter 2*step + branch reaches int(2 * steps * ratio)
-        return 2 * step + (branch == "uncond") >= int(2 * self.total_steps * self.retention_ratio)
+        return 2 * step + branch.startswith("uncond") >= int(2 * self.total_steps * self.retention_ratio)
 
     def _decide(self, st: _Branch, branch: str, step: int, inputs: BlockInputs, forced: bool) -> bool:
         if self._fixed is None and self.table is None:

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["PromptCache", "encode_and_release", "file_identity", "release_text_encoder"]
+from .offload import on_device
+
+__all__ = ["PromptCache", "encode_and_release", "file_identity"]
 
 EncodeFn = Callable[[list[str]], list[Tensor]]
 
@@ -148,31 +150,18 @@ def _forget(cache_ref: weakref.ref, token: int) -> None:
         cache.forget(("module", token))
 
 
-def release_text_encoder(text_encoder, offload: str | torch.device | None = "cpu") -> None:
-    """Move the encoder's weights to ``offload`` (default the CPU) and return the cached
-    CUDA blocks to the driver. ``None`` leaves it where it is (the caller drops it)."""
-    model = getattr(text_encoder, "model", text_encoder)
-    was_cuda = any(p.device.type == "cuda" for p in model.parameters())
-    if offload is not None:
-        model.to(offload)
-    if was_cuda and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def encode_and_release(text_encoder, prompts: Sequence[str], cache: PromptCache | None = None, *,
-                       device: str | torch.device | None = None,
-                       offload: str | torch.device | None = "cpu") -> list[Tensor]:
+                       device: str | torch.device | None = None) -> list[Tensor]:
     """Encode ``prompts`` -> CPU ``[L_i, dim]`` tensors with a loaded ``TextEncoder``: served
-    from ``cache`` when possible; otherwise the model is moved to ``device`` (if given), run,
-    and moved to ``offload`` (if given) straight after, so it never sits on the GPU while the
-    DiT samples."""
+    from ``cache`` when possible; otherwise run with the weights on ``device`` (default: where
+    they rest) for this call only, through :func:`wan_core.offload.on_device`: the resting
+    copy never moves, and the device copy is dropped straight after, so the encoder never
+    sits on the GPU while the DiT samples."""
     def run(missing: list[str]) -> list[Tensor]:
-        if device is not None:
-            text_encoder.model.to(device)
-        try:
+        model = text_encoder.model
+        target = device if device is not None else next(model.parameters()).device
+        with on_device(model, target):
             return [e.to("cpu") for e in text_encoder.encode(list(missing))]
-        finally:
-            release_text_encoder(text_encoder, offload)
 
     if cache is None:
         return run(list(prompts))

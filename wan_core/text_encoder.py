@@ -7,8 +7,9 @@ Parameter names are the official Wan 2.1 ones (``token_embedding.weight``,
 ``blocks.N.attn.q.weight``, ``blocks.N.pos_embedding.embedding.weight``, ``norm.weight``),
 so the official ``models_t5_umt5-xxl-enc-bf16.pth`` loads with ``strict=True``.
 
-Precision policy (data below, honoured in forward):
-- ``FP32_PARAMS``: the norm scales and the relative-position tables (< 0.01 % of the
+Precision policy (data below, ``PRECISION``, a :class:`~wan_core.layers.PrecisionPolicy`,
+honoured in forward):
+- ``FP32_PARAMS`` (``PRECISION.keep_fp32``): the norm scales and the relative-position tables (< 0.01 % of the
   parameters) are stored float32 whatever the rest is stored in; that is lossless for the
   bf16/fp16 files and keeps them out of fp8. They are used in the compute dtype, as upstream.
 - Every other weight (embedding, attention, FFN) may be stored in any float dtype and is cast
@@ -21,25 +22,22 @@ Precision policy (data below, honoured in forward):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from .configs import T5Config
-from .layers import COMPUTE_DTYPES, CastLinear
+from .layers import CastLinear, PrecisionPolicy
+from .tokenizer import UMT5Tokenizer
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .tokenizer import UMT5Tokenizer
-
+PRECISION = PrecisionPolicy(keep_fp32=("norm", "pos_embedding"))
 #: Parameter-name fragments stored in float32 whatever the storage dtype of the rest.
-FP32_PARAMS: tuple[str, ...] = ("norm", "pos_embedding")
-
-
-def keeps_fp32(name: str) -> bool:
-    """Whether parameter ``name`` (official umT5 name) is stored in float32."""
-    return any(fragment in name for fragment in FP32_PARAMS)
+FP32_PARAMS: tuple[str, ...] = PRECISION.keep_fp32
+#: Whether parameter ``name`` (official umT5 name) is stored in float32.
+keeps_fp32 = PRECISION.keeps_fp32
 
 
 class TanhGELU(nn.Module):
@@ -124,14 +122,12 @@ class T5Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """``x [B, L, dim]``, ``bias [B or 1, heads, L, L]`` (position bias + mask) -> ``[B, L, dim]``."""
-        b, n = x.shape[0], x.shape[1]
-        q, k, v = (proj(x).view(b, n, self.num_heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        q, k, v = (rearrange(proj(x), "b l (h d) -> b h l d", h=self.num_heads) for proj in (self.q, self.k, self.v))
         # Explicit scores instead of SDPA: the encoder runs once per prompt, and this keeps
         # the official numerics (logits in compute dtype, softmax in float32).
         scores = torch.matmul(q, k.transpose(-1, -2)) + bias
         weights = torch.softmax(scores.float(), dim=-1).to(x.dtype)
-        out = torch.matmul(weights, v).transpose(1, 2).reshape(b, n, -1)
-        return self.o(out)
+        return self.o(rearrange(torch.matmul(weights, v), "b h l d -> b l (h d)"))
 
 
 class T5FeedForward(nn.Module):
@@ -175,6 +171,8 @@ class UMT5Encoder(nn.Module):
     storage dtype of the Linear weights (see the module docstring).
     """
 
+    precision: ClassVar[PrecisionPolicy] = PRECISION
+
     def __init__(self, config: T5Config, *, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if config.shared_pos:
@@ -190,12 +188,8 @@ class UMT5Encoder(nn.Module):
 
     def resolved_compute_dtype(self) -> torch.dtype:
         """``compute_dtype`` or, when None, the dtype the Linear weights are stored in."""
-        if self.compute_dtype is not None:
-            return self.compute_dtype
         w = self.blocks[0].attn.q.weight if len(self.blocks) else self.token_embedding.weight
-        if w.dtype in COMPUTE_DTYPES:
-            return w.dtype
-        return torch.bfloat16 if w.device.type == "cuda" else torch.float32
+        return self.precision.compute_dtype(self.compute_dtype, w)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``ids [B, L]`` int64, ``mask [B, L]`` (1 real token, 0 padding) -> ``[B, L, dim]``.
@@ -205,7 +199,7 @@ class UMT5Encoder(nn.Module):
         """
         dtype = self.resolved_compute_dtype()
         # 1. token embeddings (no scaling, no absolute positions)
-        x = F.embedding(ids, self.token_embedding.weight).to(dtype)
+        x = self.token_embedding(ids).to(dtype)   # the module: a GGUF table dequantizes only these rows
         # 2. bucket indices are shared by all layers; each layer has its own bias table
         buckets = relative_position_buckets(ids.shape[1], self.config.num_buckets,
                                             self.config.max_distance, device=ids.device)
@@ -217,7 +211,7 @@ class UMT5Encoder(nn.Module):
 
 
 @torch.no_grad()
-def encode_text(model: UMT5Encoder, tokenizer: "UMT5Tokenizer", prompts: Sequence[str],
+def encode_text(model: UMT5Encoder, tokenizer: UMT5Tokenizer, prompts: Sequence[str],
                 device: torch.device | str) -> list[torch.Tensor]:
     """Encode prompts the way the official ``T5EncoderModel.__call__`` does.
 
@@ -231,4 +225,4 @@ def encode_text(model: UMT5Encoder, tokenizer: "UMT5Tokenizer", prompts: Sequenc
     return [h[:n] for h, n in zip(hidden, lengths)]
 
 
-__all__ = ["UMT5Encoder", "encode_text", "relative_position_buckets", "FP32_PARAMS", "keeps_fp32"]
+__all__ = ["UMT5Encoder", "encode_text", "relative_position_buckets", "PRECISION", "FP32_PARAMS", "keeps_fp32"]

@@ -14,6 +14,9 @@ is what :meth:`WanVAE.encode` and :meth:`WanVAE.decode` use.
 Parameter names are those of the official ``Wan2.1_VAE.pth`` (``encoder.conv1.weight``,
 ``encoder.downsamples.0.residual.0.gamma``, ``conv1.weight``, ``decoder.head.2.bias``, ...).
 
+Every chunk an encode or decode produces is checked for NaN/Inf (one sum, ``all_finite``,
+per chunk) and refused with a :class:`~wan_core.errors.NonFiniteError` naming the likely cause.
+
 Precision policy: everything runs in the dtype of the parameters (official: fp32; bf16/fp16
 work). The only exception is the RMS-norm statistic, reduced in fp32 for 16-bit inputs.
 """
@@ -27,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .configs import VAE_LATENT_MEAN, VAE_LATENT_STD, VAEConfig
+from .configs import VAE_LATENT_MEAN, VAE_LATENT_STD, VAE_SPACE_STRIDE, VAE_TIME_STRIDE, VAEConfig
+from .errors import NonFiniteError, all_finite, describe_nonfinite_weights
 
 CACHE_T = 2           # frames of history a kernel-3 causal conv needs (official name)
-TIME_STRIDE = 4       # pixel frames per latent frame after the first
-SPATIAL_STRIDE = 8
+TIME_STRIDE = VAE_TIME_STRIDE       # pixel frames per latent frame after the first
+SPATIAL_STRIDE = VAE_SPACE_STRIDE
 
 
 # --------------------------------------------------------------------------- feature cache
@@ -421,16 +425,39 @@ class WanVAE(nn.Module):
     def encode_chunk(self, video: Tensor, cache: FeatureCache) -> Tensor:
         """Next pixel frames of a stream ``[B, 3, t, H, W]`` -> raw latent means
         ``[B, z, t', H/8, W/8]``. The first chunk of a stream has 4k+1 frames (k+1 latent
-        frames), later chunks 4k frames (k latent frames)."""
+        frames), later chunks 4k frames (k latent frames). Raises
+        :class:`~wan_core.errors.NonFiniteError` when the latents hold NaN/Inf."""
         video = video.to(self.device, self.dtype)
         mu, _log_var = self.conv1(self.encoder(video, cache)).chunk(2, dim=1)
+        if not all_finite(mu):  # NaN latents would condition the whole run on garbage
+            cause = self._nonfinite_cause(video, "video or image given to the encoder")
+            raise NonFiniteError(f"VAE encode, chunk {cache.chunks}: the latents contain NaN/Inf. Likely cause: {cause}.")
         return mu
 
     def decode_chunk(self, latents: Tensor, cache: FeatureCache) -> Tensor:
         """Next raw (denormalised) latent frames of a stream ``[B, z, t, h, w]`` -> pixel
         frames ``[B, 3, t_out, 8h, 8w]``, unclamped; t_out = 4t-3 for the first chunk of a
-        stream, 4t after."""
-        return self.decoder(self.conv2(latents.to(self.device, self.dtype)), cache)
+        stream, 4t after. Raises :class:`~wan_core.errors.NonFiniteError` (with the likely cause)
+        when the frames hold NaN/Inf, so a broken VAE never yields a black video."""
+        latents = latents.to(self.device, self.dtype)
+        pixels = self.decoder(self.conv2(latents), cache)
+        # checked before any clamp: clamping keeps NaN, which a video writer turns into black
+        if not all_finite(pixels):
+            raise NonFiniteError(f"VAE decode, chunk {cache.chunks}: the decoded frames contain NaN/Inf. "
+                                 f"Likely cause: {self._nonfinite_cause(latents, 'latents given to the decoder')}.")
+        return pixels
+
+    def _nonfinite_cause(self, inputs: Tensor, what: str) -> str:
+        """Why a chunk came out non-finite; runs only after a failed check (reads every weight)."""
+        if not all_finite(inputs):
+            return f"the {what} already contain NaN/Inf (check the step that produced them)"
+        weights = describe_nonfinite_weights(self, "VAE")
+        if weights is not None:
+            return weights
+        if self.dtype == torch.float16:
+            return "fp16 overflows in the Wan VAE: load it in bf16 or fp32"
+        return (f"the {what} are far outside the range the VAE was trained on (an extreme cfg or shift, "
+                "or a latent from another model)")
 
     # ---- whole videos
 

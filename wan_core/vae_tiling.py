@@ -40,7 +40,8 @@ from itertools import pairwise
 import torch
 from torch import Tensor
 
-from .vae import FeatureCache, WanVAE, normalize_latents
+from .offload import meminfo_bytes
+from .vae import SPATIAL_STRIDE, TIME_STRIDE, FeatureCache, WanVAE, normalize_latents
 
 __all__ = ["DECODE_BYTES_PER_LATENT_PIXEL", "DEFAULT_OVERLAP", "ENCODE_BYTES_PER_LATENT_PIXEL", "MIN_TILE",
            "TilePlan", "auto_tile", "decode_activation_bytes", "decode_tiled", "default_budget",
@@ -48,7 +49,6 @@ __all__ = ["DECODE_BYTES_PER_LATENT_PIXEL", "DEFAULT_OVERLAP", "ENCODE_BYTES_PER
 
 LOG = logging.getLogger(__name__)
 
-SPATIAL_STRIDE = 8
 DEFAULT_OVERLAP = 8      # latent pixels (64 px); about the decoder's convolutional reach at latent scale
 MIN_TILE = 16            # latent pixels (128 px); the OOM retry stops halving here
 # fp32 bytes of peak activation per latent pixel of a tile (steady-state chunk incl. the
@@ -174,14 +174,8 @@ def default_budget(device: torch.device | str) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * 0.8)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    return 8 * 2**30
+    available = meminfo_bytes("MemAvailable")
+    return available // 2 if available is not None else 8 * 2**30
 
 
 def auto_tile(height: int, width: int, budget: int, config, dtype: torch.dtype = torch.float32, *,
@@ -321,7 +315,7 @@ def encode_tiled(vae: WanVAE, video: Tensor, normalize: bool = True, *, tile: Ti
     each tile streamed in time (1, then ``chunk_frames`` frames) with its own cache, tiles
     blended in latent space. ``tile``/``overlap``/``budget`` in latent pixels / bytes as in
     :func:`decode_tiled`. A one-tile plan calls :meth:`WanVAE.encode` (bit-identical)."""
-    if (video.dim() != 5 or (video.shape[2] - 1) % 4 or video.shape[3] % SPATIAL_STRIDE
+    if (video.dim() != 5 or (video.shape[2] - 1) % TIME_STRIDE or video.shape[3] % SPATIAL_STRIDE
             or video.shape[4] % SPATIAL_STRIDE):
         raise ValueError(f"encode_tiled: video must be [B, 3, T, H, W] with T = 4n+1 and H, W multiples of 8; "
                          f"got shape {tuple(video.shape)}")
@@ -352,7 +346,7 @@ def _encode_plan(vae: WanVAE, video: Tensor, normalize: bool, plan: TilePlan, bo
     b, _c, t, _hp, _wp = video.shape
     s = SPATIAL_STRIDE
     weights = _blend_weights(plan, 1)
-    out = torch.zeros(b, vae.config.z_dim, (t - 1) // 4 + 1, plan.height, plan.width, device=out_device,
+    out = torch.zeros(b, vae.config.z_dim, (t - 1) // TIME_STRIDE + 1, plan.height, plan.width, device=out_device,
                       dtype=torch.float32)
     done = 0
     for i, (y0, y1) in enumerate(plan.rows):

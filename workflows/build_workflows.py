@@ -177,8 +177,9 @@ def _text(g: Graph, te: int, prompt: str, model_type: str, memory: int | None = 
 
 def _sample_and_save(g: Graph, dit: int, text: int, embeds: int, vae: int, *, steps: int, shift: float,
                      seed: int = 42, denoise: float = 1.0, latent: int | None = None, prefix: str,
-                     image: bool = False, memory: int | None = None) -> None:
-    inputs = {"model": (dit, 0), "text_embeds": (text, 0), "video_embeds": (embeds, 0)}
+                     image: bool = False, memory: int | None = None, extra: dict | None = None) -> int:
+    """Sampler, decode and save; ``extra``: more sampler sockets (context, guidance). Returns the decode node."""
+    inputs = {"model": (dit, 0), "text_embeds": (text, 0), "video_embeds": (embeds, 0), **(extra or {})}
     if latent is not None:
         inputs["latent"] = (latent, 0)
     decode_inputs = {"vae": (vae, 0)}
@@ -190,10 +191,15 @@ def _sample_and_save(g: Graph, dit: int, text: int, embeds: int, vae: int, *, st
               dict(decode_inputs, latent=(s, 0)))
     if image:
         g.add("SaveImage", (1520, 0), {"filename_prefix": prefix}, {"images": (d, 0)}, size=(400, 400))
-        return
-    v = g.add("CreateVideo", (1520, 0), {"fps": 16.0}, {"images": (d, 0)}, size=(240, 80))
-    g.add("SaveVideo", (1800, 0), {"filename_prefix": prefix, "format": "auto", "codec": "auto"}, {"video": (v, 0)},
-          size=(400, 400))
+        return d
+    _save_video(g, d, prefix, (1520, 0))
+    return d
+
+
+def _save_video(g: Graph, images: int, prefix: str, pos: tuple[int, int]) -> None:
+    v = g.add("CreateVideo", pos, {"fps": 16.0}, {"images": (images, 0)}, size=(240, 80))
+    g.add("SaveVideo", (pos[0] + 280, pos[1]), {"filename_prefix": prefix, "format": "auto", "codec": "auto"},
+          {"video": (v, 0)}, size=(400, 400))
 
 
 def t2v(specs, model: str, name: str, note: str, weight_dtype: str = "auto",
@@ -264,6 +270,58 @@ def t2i(specs) -> Graph:
     return g
 
 
+def _context(g: Graph, pos: tuple[int, int], schedule: str = "static", overlap: int = 48) -> int:
+    return g.add("WanCoreContextOptions", pos, {"context_frames": 81, "overlap": overlap, "schedule": schedule,
+                                                "fuse": "pyramid", "global_positions": False, "freenoise": True},
+                 size=(320, 220))
+
+
+def long_t2v(specs, loop: bool = False) -> Graph:
+    """T2V 1.3B beyond 81 frames with context windows (``loop``: a seamless 161-frame loop)."""
+    model = "wan2.1_t2v_1.3B_bf16.safetensors"
+    frames = 161 if loop else 257
+    g = Graph(specs)
+    what = (f"A seamless loop with Wan 2.1 T2V 1.3B, 832x480, {frames} frames: context windows of 81 frames with "
+            "the 'looped' schedule denoise the end and the start together, so the last frame leads into the first."
+            if loop else
+            f"Text-to-video with Wan 2.1 T2V 1.3B, 832x480, {frames} frames (16 s at 16 fps) with context windows: "
+            "the video is denoised in overlapping windows of 81 frames (what Wan was trained on), blended over 48 "
+            "frames, so memory stays that of one 81-frame window.")
+    _note(g, what + "\n\n" + _files(model))
+    dit, te, vae, _ = _loaders(g, model)
+    text = _text(g, te, "A white cat walks slowly across a sunlit garden, then lies down in the grass, realistic "
+                 "style, soft light.", "t2v")
+    size = g.add("WanCoreEmptyVideoEmbeds", (360, 300), {"width": 832, "height": 480, "frames": frames})
+    ctx = _context(g, (360, 500), "looped" if loop else "static", 32 if loop else 48)
+    _sample_and_save(g, dit, text, size, vae, steps=50, shift=5.0, prefix="WanCore/loop" if loop else "WanCore/t2v_257",
+                     extra={"context": (ctx, 0)})
+    return g
+
+
+def i2v_extend(specs, times: int = 3) -> Graph:
+    """I2V 480p, then ``times`` chained WanCore Extend Video nodes."""
+    model = "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors"
+    g = Graph(specs)
+    _note(g, f"Image-to-video with Wan 2.1 I2V 14B 480p, extended {times} times: each WanCore Extend Video "
+          "continues the video from its last 17 frames (kept while sampling; the model also starts from the last "
+          f"frame) and cross-fades them, adding 64 frames each: 81 + {times} x 64 = {81 + times * 64} frames.\n\n"
+          + _files(model, clip=True) + "\nPut your start image in ComfyUI/input/ (or drop it on Load Image).")
+    dit, te, vae, cv = _loaders(g, model, clip=True)
+    first = g.add("LoadImage", (360, 300), {"image": "example.png"}, size=(300, 320), title="Start image")
+    embeds = g.add("WanCoreImageToVideoEncode", (360, 660), {"width": 832, "height": 480, "frames": 81},
+                   {"vae": (vae, 0), "clip_vision": (cv, 0), "start_image": (first, 0)})
+    text = _text(g, te, "The cat turns its head towards the camera, stands up and walks away, gentle breeze.", "i2v")
+    video = _sample_and_save(g, dit, text, embeds, vae, steps=40, shift=3.0, prefix="WanCore/i2v_480p")
+    for k in range(times):
+        video = g.add("WanCoreExtendVideo", (1160, 300 + 420 * k),
+                      {"frames": 81, "overlap": 17, "seed": 43 + k, "steps": 40, "cfg": 5.0, "shift": 3.0,
+                       "sampler": "unipc"},
+                      {"model": (dit, 0), "vae": (vae, 0), "text_embeds": (text, 0), "video": (video, 0),
+                       "clip_vision": (cv, 0)}, size=(320, 380), title=f"Extend {k + 1}")
+    _save_video(g, video, "WanCore/i2v_480p_extended", (1520, 300 + 420 * (times - 1)))
+    return g
+
+
 def graphs(specs) -> dict[str, Graph]:
     return {
         "wan_t2v_1.3B": t2v(specs, "wan2.1_t2v_1.3B_bf16.safetensors", "t2v_1.3B",
@@ -289,6 +347,9 @@ def graphs(specs) -> dict[str, Graph]:
                               "(official: 50 steps, shift 16).", end=True),
         "wan_v2v_1.3B": v2v(specs),
         "wan_t2i_1.3B": t2i(specs),
+        "wan_t2v_1.3B_257_context_windows": long_t2v(specs),
+        "wan_i2v_480p_extend_x3": i2v_extend(specs),
+        "wan_t2v_1.3B_loop": long_t2v(specs, loop=True),
     }
 
 

@@ -1,5 +1,7 @@
 """The pack inside a real ComfyUI server (level 3): node listing, every example workflow end
-to end on tiny models, interrupt and resume, and bad input through the HTTP API.
+to end on tiny models, interrupt and resume, bad input through the HTTP API, memory shared
+with the host's own models, the template browser's listing, and the UI workflows in the
+real frontend (headless Chromium, when installed).
 
 Runs when COMFYUI_PATH points to a ComfyUI checkout (checked with 0.3.64); the server runs
 under COMFYUI_PYTHON (default: this interpreter), which needs ComfyUI's requirements and
@@ -40,6 +42,53 @@ TINY = {"WanCoreLoadDiT": ("model_name", "wan_tiny_t2v.safetensors"),
         "WanCoreLoadVAE": ("vae_name", "wan_tiny_vae.safetensors"),
         "WanCoreLoadTextEncoder": ("text_encoder_name", "umt5_tiny.safetensors"),
         "WanCoreLoadCLIPVision": ("clip_name", "clip_vision_tiny.safetensors")}
+
+
+# A core-managed model for the memory test: a tiny custom node loads a ModelPatcher through
+# ComfyUI's own memory manager and another reports whether it is still loaded.
+_PROBE = """
+import torch
+import comfy.model_management as mm
+import comfy.model_patcher
+
+_HELD = []
+
+
+class HostProbeLoadModel:
+    RETURN_TYPES = ()
+    FUNCTION = "load"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"size": ("INT", {"default": 64})}}
+
+    def load(self, size):
+        patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(size, size), load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+        mm.load_models_gpu([patcher])
+        _HELD.append(patcher)
+        return {"ui": {"loaded": [len(mm.current_loaded_models)]}}
+
+
+class HostProbeLoadedModels:
+    RETURN_TYPES = ()
+    FUNCTION = "check"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"nonce": ("INT", {"default": 0})}}
+
+    def check(self, nonce):
+        loaded = [any(m.model is p for m in mm.current_loaded_models) for p in _HELD]
+        return {"ui": {"loaded": loaded}}
+
+
+NODE_CLASS_MAPPINGS = {"HostProbeLoadModel": HostProbeLoadModel, "HostProbeLoadedModels": HostProbeLoadedModels}
+"""
 
 
 def _free_port() -> int:
@@ -159,6 +208,7 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy")
     (base / "custom_nodes").mkdir()
     os.symlink(ROOT, base / "custom_nodes" / "wan-core")
+    (base / "custom_nodes" / "host_probe.py").write_text(_PROBE)
     _write_models(base)
     _write_inputs(base)
     port = _free_port()
@@ -212,6 +262,8 @@ def tiny(name: str, steps: int = 2, seed: int | None = None, **changes) -> dict:
                 inputs["frames"] = 1 if inputs["frames"] == 1 else FRAMES
         if cls == "ImageFromBatch":
             inputs["length"] = FRAMES
+        if cls == "WanCoreExtendVideo":   # FRAMES-frame clips overlapping by one
+            inputs.update(frames=FRAMES, overlap=1, steps=steps)
         if cls == "WanCoreSampler":
             inputs["steps"] = steps
             # distinct per workflow: graphs that shrink to the same one still run (not cached)
@@ -242,10 +294,11 @@ def _frames(server: Server, item: dict) -> torch.Tensor:
 def test_object_info_lists_every_node_with_the_workflows_widgets(server):
     info = server.get("/object_info")
     ours = {k for k in info if k.startswith("WanCore")}
-    assert ours == {"WanCoreLoadDiT", "WanCoreLoadVAE", "WanCoreLoadTextEncoder", "WanCoreLoadCLIPVision",
-                    "WanCoreTextEncode", "WanCoreEmptyVideoEmbeds", "WanCoreImageToVideoEncode", "WanCoreSampler",
-                    "WanCoreDecode", "WanCoreEncode", "WanCoreMemoryOptions", "WanCoreLoraLoader",
-                    "WanCoreStepCache", "WanCoreCompileOptions"}
+    import nodepack
+
+    assert ours == set(nodepack.load_pack().NODE_CLASS_MAPPINGS)   # every node the pack registers, no other
+    # ... among them every node of the frozen record, which saved workflows rely on
+    assert ours >= set(json.loads((ROOT / "tests" / "data" / "node_inputs_snapshot.json").read_text()))
     assert "wan_tiny_t2v.safetensors" in info["WanCoreLoadDiT"]["input"]["required"]["model_name"][0]
     for path in sorted((ROOT / "workflows").glob("*.json")):
         for node in json.loads(path.read_text())["nodes"]:
@@ -397,6 +450,26 @@ def test_sampling_sends_latent_previews_when_the_server_has_a_preview_method(ser
     history, _ = server.run(tiny("wan_t2v_1.3B", steps=3, seed=99))
     assert history["status"]["status_str"] == "success"
     assert server.previews - before >= 3
+
+
+def test_a_core_model_loaded_before_our_workflow_is_still_loaded_after_it(server):
+    """Our nodes ask ComfyUI's memory manager for the bytes they need (free_memory) instead of
+    unloading every model it holds: a core-managed model loaded first stays loaded (the
+    server runs with --cpu, where the old unload_all_models() evicted it too)."""
+    loaded, _ = server.run({"1": {"class_type": "HostProbeLoadModel", "inputs": {"size": 64}}})
+    assert loaded["status"]["status_str"] == "success"
+    history, _ = server.run(tiny("wan_t2v_1.3B", seed=777))
+    assert history["status"]["status_str"] == "success"
+    check, _ = server.run({"1": {"class_type": "HostProbeLoadedModels", "inputs": {"nonce": 777}}})
+    assert check["outputs"]["1"]["loaded"] == [True]
+
+
+def test_the_template_browser_lists_our_ui_workflows(server):
+    templates = server.get("/api/workflow_templates")
+    ours = {p.stem for p in (ROOT / "workflows").glob("*.json")}
+    assert ours and set(templates["wan-core"]) == ours   # UI format only: workflows/api/ is not listed
+    served = server.get("/api/workflow_templates/wan-core/wan_t2v_1.3B.json")
+    assert served == json.loads((ROOT / "workflows" / "wan_t2v_1.3B.json").read_text())
 
 
 # ------------------------------------------------------------------------- the graph editor itself

@@ -1,13 +1,19 @@
 """wan_core.attention: SDPA is exact, optional kernels degrade to SDPA with one warning."""
 from __future__ import annotations
 
+import sys
 import warnings
 
+import factory
+import nodepack
 import pytest
+import tiny
 import torch
 
 import wan_core.attention as attn_mod
 from wan_core.attention import BACKENDS, attention, available_backends
+from wan_core.dit import WanDiT
+from wan_core.loaders import load_dit
 
 
 def _qkv(lq: int = 24, lk: int = 24, b: int = 2, h: int = 3, d: int = 128, seed: int = 0):
@@ -104,3 +110,24 @@ def test_unknown_backend_raises_value_error_listing_valid_names():
         attention(q, k, v, "xformers")
     for name in BACKENDS:
         assert name in str(err.value)
+
+
+def test_attention_backend_is_a_loader_and_constructor_option(tmp_path):
+    """``load_dit(attention=...)`` builds the DiT with that backend (no attribute patched on
+    afterwards); an unknown name is refused by both, listing the valid ones."""
+    path = factory.write_checkpoint(tmp_path, "dit", "official", variant="t2v")
+    assert load_dit(path).attention_backend == "sdpa"
+    assert load_dit(path, attention="auto").attention_backend == "auto"
+    for bad in (lambda: load_dit(path, attention="xformers"),
+                lambda: WanDiT(tiny.TINY_DIT_T2V, attention_backend="xformers")):
+        with pytest.raises(ValueError) as err:
+            bad()
+        assert all(name in str(err.value) for name in BACKENDS)
+
+
+def test_loader_node_offers_exactly_the_backends_default_first(monkeypatch):
+    """One choice list: the DiT loader node's combo is ``BACKENDS`` in order (saved workflows
+    keep the order), its default the loaders' default."""
+    monkeypatch.setitem(sys.modules, "folder_paths", nodepack.fake_folder_paths({}))
+    combo = nodepack.load_pack().nodes.WanCoreLoadDiT.INPUT_TYPES()["required"]["attention"]
+    assert combo[0] == list(BACKENDS) and combo[1]["default"] == BACKENDS[0] == "sdpa"

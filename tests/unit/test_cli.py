@@ -1,4 +1,6 @@
-"""The README's commands: ``python -m wan_core selftest`` and a tiny ``generate`` write playable mp4s."""
+"""The README's commands: ``python -m wan_core selftest`` and a tiny ``generate`` write playable mp4s;
+in a real process a bad argument is one ``error:`` line and exit status 2 (the variants are in
+test_cli_validation.py, in-process)."""
 from __future__ import annotations
 
 import subprocess
@@ -19,6 +21,11 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return write_selftest_models(tmp_path_factory.mktemp("models"))
+
+
 def test_selftest_runs_t2v_and_i2v_and_writes_playable_videos(tmp_path: Path) -> None:
     out = tmp_path / "selftest.mp4"
     res = _run("selftest", "--out", str(out), "--frames", "5", "--steps", "2")
@@ -29,8 +36,8 @@ def test_selftest_runs_t2v_and_i2v_and_writes_playable_videos(tmp_path: Path) ->
     assert read_video(tmp_path / "selftest_i2v.mp4").shape[0] == 5
 
 
-def test_generate_from_paths_writes_an_mp4_with_every_frame(tmp_path: Path) -> None:
-    m = write_selftest_models(tmp_path / "models")
+def test_generate_from_paths_writes_an_mp4_with_every_frame(tmp_path: Path, models) -> None:
+    m = models
     out = tmp_path / "t2v.mp4"
     res = _run("generate", "--dit", str(m.dit_t2v), "--vae", str(m.vae), "--text-encoder", str(m.text_encoder),
                "--prompt", "a cat", "--size", "48x32", "--frames", "9", "--steps", "2", "--device", "cpu",
@@ -45,20 +52,20 @@ def test_generate_from_paths_writes_an_mp4_with_every_frame(tmp_path: Path) -> N
     (["--size", "50x32"], "width 50 is not a multiple of 16"),
     (["--frames", "8"], "frames 8 is not 4n+1"),
 ])
-def test_generate_refuses_bad_sizes_with_a_message(tmp_path: Path, args: list[str], msg: str) -> None:
-    m = write_selftest_models(tmp_path / "models")
+def test_generate_refuses_bad_sizes_with_a_message(tmp_path: Path, models, args: list[str], msg: str) -> None:
+    m = models
     res = _run("generate", "--dit", str(m.dit_t2v), "--vae", str(m.vae), "--text-encoder", str(m.text_encoder),
                "--prompt", "x", "--device", "cpu", "--out", str(tmp_path / "x.mp4"), *args)
     assert res.returncode == 2
-    assert msg in res.stderr
+    assert res.stderr.startswith("error: ") and msg in res.stderr and res.stderr.count("\n") == 1
 
 
-def test_generate_names_the_wrong_file(tmp_path: Path) -> None:
-    m = write_selftest_models(tmp_path / "models")
+def test_generate_names_the_wrong_file(models) -> None:
+    m = models
     res = _run("generate", "--dit", str(m.vae), "--vae", str(m.vae), "--text-encoder", str(m.text_encoder),
                "--prompt", "x", "--device", "cpu")
     assert res.returncode == 2
-    assert "wan_tiny_vae.safetensors is a Wan 2.1 VAE; this loader needs a Wan 2.1 diffusion model" in res.stderr
+    assert "wan_tiny_vae.safetensors is a Wan 2.1 VAE; --dit needs a Wan 2.1 diffusion model" in res.stderr
 
 
 def test_mp4_round_trip_keeps_frames_and_size(tmp_path: Path) -> None:

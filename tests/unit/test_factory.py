@@ -1,9 +1,11 @@
 """The test-checkpoint factory is the spec: check it against the published layouts.
 
-Full-size key and parameter counts are compared with the figures in wan21-facts.md §1-2
-(computed there from the official modules); the foreign layouts are loaded strictly into
-the reference libraries (diffusers, transformers), and the hand-written umT5 / CLIP
-mappings are checked numerically against a forward pass written from the official modules.
+Full-size key and parameter counts are compared with those of the official Wan 2.1 modules
+at their published configs (state-dict keys and parameters of ``WanModel``, the VAE, the
+umT5 encoder and the CLIP visual tower, written as literals in the tests below); the
+foreign layouts are loaded strictly into the reference libraries (diffusers, transformers),
+and the hand-written umT5 / CLIP mappings are checked numerically against a forward pass
+written from the official modules.
 """
 from __future__ import annotations
 

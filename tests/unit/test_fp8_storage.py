@@ -16,7 +16,7 @@ import torch
 
 from wan_core import fp8
 from wan_core.dit import keeps_fp32
-from wan_core.layers import CastLinear
+from wan_core.layers import CastLinear, enable_fp8_matmul
 from wan_core.loaders import load_dit
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -195,7 +195,7 @@ def test_fp8_matmul_is_refused_off_cuda_and_on_old_gpus(files, monkeypatch) -> N
     assert not ok and "CUDA" in reason
     model = load_dit(files["scaled_fp8"], weight_dtype="keep")
     with pytest.raises(RuntimeError, match="fp8 matmul"):
-        fp8.enable_fp8_matmul(model, "cpu")
+        enable_fp8_matmul(model, "cpu")
     assert not any(m.fp8_matmul for m in _fp8_linears(model).values())   # never the default
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))

@@ -160,7 +160,8 @@ def test_unmatched_keys_are_reported_by_name_and_logged(tmp_path, caplog):
              "diffusion_model.blocks.0.cross_attn.k_img.lora_B.weight": torch.randn(256, RANK, generator=g),
              "diffusion_model.blocks.9.self_attn.q.lora_A.weight": torch.randn(RANK, 256, generator=g),  # no block 9
              "diffusion_model.blocks.9.self_attn.q.lora_B.weight": torch.randn(256, RANK, generator=g),
-             "diffusion_model.blocks.1.self_attn.k.lora_A.weight": torch.randn(RANK, 256, generator=g),  # no lora_B
+             "diffusion_model.blocks.9.self_attn.k.lora_A.weight": torch.randn(RANK, 256, generator=g),  # no lora_B
+             "diffusion_model.blocks.0.self_attn.k.alpha": torch.tensor(ALPHA),  # alpha of no pair
              "lora_te_text_model_encoder_layers_0_mlp_fc1.weird": torch.randn(3, generator=g)}
     path = write(tmp_path, "extra", {**sd, **extra})
     with caplog.at_level(logging.WARNING, logger="wan_core"):
@@ -318,13 +319,16 @@ def test_fp8_unmerged_adds_the_lora_at_call_time_without_touching_weights(tmp_pa
 
 @pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_stochastic_fp8_rounding_is_unbiased_and_repeatable(tmp_path, fmt):
-    from wan_core.lora import _to_fp8
+    from wan_core.fp8 import quantize
+
+    def to_fp8(x: torch.Tensor, seed: int | None) -> torch.Tensor:
+        return quantize(x, fmt, scaled=False, stochastic_seed=seed)[0]
 
     x = 3 * torch.randn(4000, generator=torch.Generator().manual_seed(9))
-    mean = sum(_to_fp8(x, fmt, "stochastic", s).float() for s in range(200)) / 200
-    nearest = _to_fp8(x, fmt, "nearest", 0).float()
+    mean = sum(to_fp8(x, s).float() for s in range(200)) / 200
+    nearest = to_fp8(x, None).float()
     assert (mean - x).mean().abs() < 1e-3 and (mean - x).abs().mean() < 0.2 * (nearest - x).abs().mean()
-    assert torch.equal(_to_fp8(x, fmt, "stochastic", 5).view(torch.uint8), _to_fp8(x, fmt, "stochastic", 5).view(torch.uint8))
+    assert torch.equal(to_fp8(x, 5).view(torch.uint8), to_fp8(x, 5).view(torch.uint8))
     g = torch.Generator().manual_seed(10)
     model = Fp8Holder(0.05 * torch.randn(32, 16, generator=g), fmt, True)
     path = write(tmp_path, "st", {"lin.lora_A.weight": torch.randn(2, 16, generator=g),

@@ -52,8 +52,10 @@ def test_token_count_and_model_sizes_from_configs() -> None:
 def test_activation_estimate_follows_the_documented_formula() -> None:
     s = _sizes("T2V-14B", "bf16")
     d, f, h, c, n = 5120, 13824, 40, 2, TOKENS_480P_81
-    per_token = 12 * d + max(12 * d + 4 * c * d, c * d + 2 * c * f) + 4 * h
-    assert dit_activation_bytes(s, n) == n * per_token + (512 + 257) * 4 * c * d   # bf16: no upcast
+    latent = 4 * 128 + 16 * (2 * 16 + 16 - 16)
+    per_token = max(20 * d + 2 * c * d, 12 * d + c * d + 2 * c * f) + 4 * h + latent
+    # bf16: no upcast; 64 MiB of small per-step tensors
+    assert dit_activation_bytes(s, n) == n * per_token + (512 + 257) * 4 * c * d + 64 * 2**20
     fp8 = _sizes("T2V-14B", "fp8_e4m3fn")
     assert dit_activation_bytes(fp8, n) - dit_activation_bytes(s, n) == 5120 * 13824 * (4 + c)
     # the math backend materialises the score matrix: quadratic in tokens
@@ -63,23 +65,24 @@ def test_activation_estimate_follows_the_documented_formula() -> None:
 # (budget GiB, variant, storage, tokens, latent, text encoder bytes) ->
 #   (K resident, text encoder on CPU, VAE tile)
 TABLE = [
-    (6, "T2V-1.3B", "bf16", TOKENS_480P_81, LATENT_480P, TE_BF16, (30, True, 32)),
-    (8, "T2V-1.3B", "bf16", TOKENS_480P_81, LATENT_480P, TE_BF16, (30, True, 48)),
-    (8, "T2V-1.3B", "bf16", TOKENS_480P_81, LATENT_480P, TE_FP8, (30, False, 48)),
-    (8, "T2V-14B", "fp8_e4m3fn", TOKENS_480P_81, LATENT_480P, TE_BF16, (2, True, 48)),
-    (8, "I2V-14B", "fp8_e4m3fn", TOKENS_480P_81, LATENT_480P, TE_BF16, (1, True, 48)),
-    (8, "FLF2V-14B", "fp8_e4m3fn", TOKENS_480P_81, LATENT_480P, TE_BF16, (1, True, 48)),
-    (8, "I2V-14B", "bf16", TOKENS_480P_81, LATENT_480P, TE_BF16, (0, True, 48)),
-    (12, "I2V-14B", "fp8_e4m3fn", TOKENS_480P_81, LATENT_480P, TE_BF16, (12, False, None)),
-    (16, "I2V-14B", "fp8_e4m3fn", TOKENS_480P_81, LATENT_480P, TE_BF16, (22, False, None)),
+    (6, "T2V-1.3B", "bf16", TOKENS_480P_81, LATENT_480P, TE_BF16, (30, True, 64)),
+    (8, "T2V-1.3B", "bf16", TOKENS_480P_81, LATENT_480P, TE_BF16, (30, True, 96)),
+    (8, "T2V-1.3B", "bf16", TOKENS_480P_81, LATENT_480P, TE_FP8, (30, False, 96)),
+    (8, "T2V-14B", "fp8_e4m3fn", TOKENS_480P_81, LATENT_480P, TE_BF16, (5, True, 96)),
+    (8, "I2V-14B", "fp8_e4m3fn", TOKENS_480P_81, LATENT_480P, TE_BF16, (4, True, 96)),
+    (8, "FLF2V-14B", "fp8_e4m3fn", TOKENS_480P_81, LATENT_480P, TE_BF16, (4, True, 96)),
+    (8, "I2V-14B", "bf16", TOKENS_480P_81, LATENT_480P, TE_BF16, (1, True, 96)),
+    (12, "I2V-14B", "fp8_e4m3fn", TOKENS_480P_81, LATENT_480P, TE_BF16, (14, False, None)),
+    (16, "I2V-14B", "fp8_e4m3fn", TOKENS_480P_81, LATENT_480P, TE_BF16, (25, False, None)),
     (24, "I2V-14B", "fp8_e4m3fn", TOKENS_480P_81, LATENT_480P, TE_BF16, (40, False, None)),
-    (24, "T2V-14B", "bf16", TOKENS_480P_81, LATENT_480P, TE_BF16, (25, False, None)),
-    (24, "I2V-14B", "bf16", TOKENS_480P_81, LATENT_480P, TE_BF16, (21, False, None)),
-    # 720p: the fp32 VAE needs 0.47 + 21.5 GiB untiled (1.6 MB per latent pixel, measured in
-    # wan_core.vae_tiling), so it is tiled even at 16 GiB; 480p (9.3 GiB untiled) tiles up to 8 GiB
-    (6, "T2V-1.3B", "bf16", tokens_for(1280, 720, 21), LATENT_720P, TE_BF16, (30, True, 32)),
-    (8, "T2V-1.3B", "bf16", tokens_for(1280, 720, 21), LATENT_720P, TE_BF16, (30, True, 48)),
-    (16, "T2V-1.3B", "bf16", tokens_for(1280, 720, 21), LATENT_720P, TE_BF16, (30, False, 64)),
+    (24, "T2V-14B", "bf16", TOKENS_480P_81, LATENT_480P, TE_BF16, (26, False, None)),
+    (24, "I2V-14B", "bf16", TOKENS_480P_81, LATENT_480P, TE_BF16, (22, False, None)),
+    # 720p: the fp32 VAE needs 0.47 + 16.5 GiB untiled + the output video on the device (1.23 MB
+    # per latent pixel: simulated 1.17 + 5 %), so it is tiled even at 16 GiB; a tile of t
+    # latent px is t x t, its overlap included; 480p (7.6 GiB untiled) tiles up to 8 GiB
+    (6, "T2V-1.3B", "bf16", tokens_for(1280, 720, 21), LATENT_720P, TE_BF16, (30, True, 64)),
+    (8, "T2V-1.3B", "bf16", tokens_for(1280, 720, 21), LATENT_720P, TE_BF16, (30, True, 64)),
+    (16, "T2V-1.3B", "bf16", tokens_for(1280, 720, 21), LATENT_720P, TE_BF16, (30, False, 128)),
 ]
 
 
@@ -129,3 +132,19 @@ def test_reserve_and_math_attention_are_honoured() -> None:
     assert plan.reserve_bytes == DEFAULT_RESERVE and plan.attention == "sdpa"
     with pytest.raises(PlanError, match="math"):
         plan_memory(8 * GiB, sizes, TOKENS_480P_81, attention="math")
+
+
+def test_image_models_get_an_encode_tile_and_every_stage_fits() -> None:
+    sizes = _sizes("I2V-14B", "fp8_e4m3fn")
+    clip = 1_266_000_000      # ViT-H/14 in fp16
+    plan = plan_memory(12 * GiB, sizes, tokens_for(1280, 720, 81), text_encoder_bytes=TE_BF16, vae_bytes=VAE,
+                       latent_hw=LATENT_720P, clip_vision_bytes=clip, encode_video=True)
+    # 720p: the untiled guide-video encode alone would need 0.92 MB x 14400 latent px = 12.3 GiB
+    assert plan.vae_encode_tile is not None and plan.vae_tile is not None
+    names = [name for name, _ in plan.stages.items()]
+    assert names == ["text encoder", "CLIP", "VAE encode", "DiT step", "VAE decode"]
+    assert all(0 < peak <= 12 * GiB - DEFAULT_RESERVE for name, peak in plan.stages.items() if name != "text encoder")
+    assert plan.stages.dit_step == plan.dit_peak_bytes - plan.reserve_bytes
+    assert plan.stages.text_encoder == 0 if plan.text_encoder_on_cpu else plan.stages.text_encoder > TE_BF16
+    t2v = plan_memory(8 * GiB, _sizes("T2V-14B", "fp8_e4m3fn"), TOKENS_480P_81, vae_bytes=VAE, latent_hw=LATENT_480P)
+    assert t2v.vae_encode_tile is None and t2v.stages.vae_encode == t2v.stages.clip_vision == 0

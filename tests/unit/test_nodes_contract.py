@@ -128,6 +128,16 @@ def test_video_size_validation_refuses_bad_sizes_at_queue_time(pack):
         assert cls.VALIDATE_INPUTS(width=None, height=480, frames=81) is True   # linked: checked at run time
 
 
+def test_node_side_engine_constants_equal_the_engines(pack):
+    """The pack imports no engine at import time, so nodes/types.py repeats a few constants;
+    they must stay the engine's (as test_limits checks the widget limits)."""
+    types, wc = pack.nodes.types, pack.wan_core
+    assert types.SAMPLERS == tuple(wc.schedulers.SAMPLERS)                 # same names, same order
+    assert types.LATENT_CHANNELS == wc.configs.LATENT_CHANNELS
+    assert types.VAE_SPACE_STRIDE == wc.configs.VAE_SPACE_STRIDE
+    assert pack.nodes.WanCoreSampler.INPUT_TYPES()["required"]["sampler"][0] == list(wc.schedulers.SAMPLERS)
+
+
 def test_sampler_refuses_partial_denoise_without_an_input_latent_at_queue_time(pack):
     sampler = pack.nodes.WanCoreSampler
     assert sampler.VALIDATE_INPUTS(denoise=1.0) is True
@@ -218,7 +228,8 @@ def test_memory_lora_and_step_cache_reach_existing_nodes_as_optional_sockets_onl
     """Saved workflows keep their widget values: the options arrive as WANCORE_* sockets, and
     the DiT loader's new fp8 storage choices are appended after the original options."""
     nodes = pack.NODE_CLASS_MAPPINGS
-    expected = {"WanCoreLoadDiT": ["memory", "loras"], "WanCoreSampler": ["latent", "memory", "loras", "step_cache", "compile"],
+    expected = {"WanCoreLoadDiT": ["memory", "loras"], "WanCoreSampler": ["latent", "memory", "loras", "step_cache", "compile",
+                                                                          "context", "guidance"],
                 "WanCoreTextEncode": ["memory"], "WanCoreDecode": ["memory"]}
     for node_id, names in expected.items():
         optional = nodes[node_id].INPUT_TYPES()["optional"]

@@ -67,7 +67,8 @@ def _decode(pack, models, latent):
 def test_loaders_list_the_model_folders_and_load_each_kind(pack, folder_paths, models):
     spec = pack.nodes.WanCoreLoadDiT.INPUT_TYPES()["required"]["model_name"][0]
     assert spec == ["wan_tiny_i2v.safetensors", "wan_tiny_t2v.safetensors"]
-    assert models.t2v.cfg.model_type == "t2v" and models.i2v.cfg.model_type == "i2v"
+    assert models.t2v.model.cfg.model_type == "t2v" and models.i2v.model.cfg.model_type == "i2v"
+    assert models.t2v.memory is None   # the DIT socket value: the module and the loader's memory options
     with pytest.raises(FileNotFoundError, match="models/vae"):
         pack.nodes.WanCoreLoadVAE().load("missing.safetensors", "fp32")
 
@@ -79,7 +80,7 @@ def test_t2v_nodes_give_the_same_frames_as_generate(pack, models):
     latent = n.WanCoreSampler().sample(models.t2v, text, size, **SETTINGS)[0]
     assert latent["samples"].shape == (1, 16, 2, H // 8, W // 8) and latent["samples"].dtype == torch.float32
     frames = _decode(pack, models, latent)
-    ref = pack.wan_core.generate(dit=models.t2v, vae=models.vae, text_encoder=models.te, prompt="a cat walks",
+    ref = pack.wan_core.generate(dit=models.t2v.model, vae=models.vae, text_encoder=models.te, prompt="a cat walks",
                                  width=W, height=H, frames=F, **SETTINGS)
     assert frames.shape == (F, H, W, 3) and frames.dtype == torch.float32 and frames.device.type == "cpu"
     assert torch.equal(frames, ref)
@@ -91,7 +92,7 @@ def test_latent_output_is_raw_vae_space_as_comfyui_wan21(pack, models):
     size = n.WanCoreEmptyVideoEmbeds().embeds(W, H, F)[0]
     raw = n.WanCoreSampler().sample(models.t2v, text, size, **SETTINGS)[0]["samples"]
     settings = wc.SamplerSettings(**{k: v for k, v in SETTINGS.items()})
-    normalised = wc.sample(models.t2v, text, settings, shape=wc.latent_shape(W, H, F))
+    normalised = wc.sample(models.t2v.model, text, settings, shape=wc.latent_shape(W, H, F))
     torch.testing.assert_close(wc.vae.normalize_latents(raw)[0], normalised, rtol=0, atol=1e-5)
     mean = torch.tensor(wc.configs.VAE_LATENT_MEAN).view(16, 1, 1, 1)
     std = torch.tensor(wc.configs.VAE_LATENT_STD).view(16, 1, 1, 1)
@@ -113,7 +114,7 @@ def test_i2v_nodes_give_the_same_frames_as_generate(pack, models):
     text = n.WanCoreTextEncode().encode(models.te, "the cat turns", "", "i2v")[0]
     embeds = n.WanCoreImageToVideoEncode().encode(models.vae, models.clip, image, W, H, F)[0]
     frames = _decode(pack, models, n.WanCoreSampler().sample(models.i2v, text, embeds, **SETTINGS)[0])
-    ref = pack.wan_core.generate(dit=models.i2v, vae=models.vae, text_encoder=models.te, clip_vision=models.clip,
+    ref = pack.wan_core.generate(dit=models.i2v.model, vae=models.vae, text_encoder=models.te, clip_vision=models.clip,
                                  image=image[0], prompt="the cat turns", width=W, height=H, frames=F, **SETTINGS)
     assert torch.equal(frames, ref)
 
@@ -127,11 +128,11 @@ def test_v2v_encode_and_partial_denoise_give_the_same_frames_as_generate(pack, m
     size = n.WanCoreEmptyVideoEmbeds().embeds(W, H, F)[0]
     v2v = dict(SETTINGS, denoise=0.5, steps=4)
     frames = _decode(pack, models, n.WanCoreSampler().sample(models.t2v, text, size, latent=latent, **v2v)[0])
-    ref = pack.wan_core.generate(dit=models.t2v, vae=models.vae, text_encoder=models.te, prompt="a cat",
+    ref = pack.wan_core.generate(dit=models.t2v.model, vae=models.vae, text_encoder=models.te, prompt="a cat",
                                  video=video, **v2v)
     assert torch.equal(frames, ref)
     bigger = n.WanCoreEmptyVideoEmbeds().embeds(W * 2, H, F)[0]
-    with pytest.raises(ValueError, match="input latent is 32x32, 5 frames but video_embeds say 64x32"):
+    with pytest.raises(ValueError, match="input latents are 32x32, 5 frames but the run is 64x32.*video_embeds"):
         n.WanCoreSampler().sample(models.t2v, text, bigger, latent=latent, **v2v)
 
 
@@ -213,35 +214,54 @@ def test_memory_options_on_the_cpu_give_the_plain_result_bit_for_bit(pack, model
     text = n.WanCoreTextEncode().encode(models.te, "a cat", "", "t2v")[0]
     size = n.WanCoreEmptyVideoEmbeds().embeds(W, H, F)[0]
     plain = _plain(pack, models, text, size, **SETTINGS)
-    blocks = len(models.t2v.blocks)
+    blocks = len(models.t2v.model.blocks)
     for budget, k in ((0.0, -1), (8.0, -1), (0.0, 0), (0.0, 1), (0.0, blocks + 3)):
         memory = n.WanCoreMemoryOptions().options(budget, k, "auto", "auto", 512)[0]
         out = n.WanCoreSampler().sample(models.t2v, text, size, memory=memory, **SETTINGS)[0]["samples"]
         assert torch.equal(out, plain), (budget, k)
     # the loader's options are the default of its samplers; the swap left every weight on its master
-    assert all(p.device.type == "cpu" for p in models.t2v.parameters())
+    assert all(p.device.type == "cpu" for p in models.t2v.model.parameters())
+
+
+def test_memory_options_translate_to_the_engines_run_options(pack):
+    from wancore_pack.nodes.plans import run_options
+
+    n, wc = pack.nodes, pack.wan_core
+    auto = run_options(n.WanCoreMemoryOptions().options(0.0, -1, "auto", "auto", 512)[0])
+    assert auto == wc.RunOptions() and run_options(None) == wc.RunOptions()
+    memory = n.WanCoreMemoryOptions().options(8.0, 3, "yes", "custom", 256)[0]
+    spec = n.WanCoreStepCache().options("magcache", -1.0, -1, 7, "e", 2, 0.2)[0]
+    options = run_options(memory, (), spec, None)
+    assert options == wc.RunOptions(vram_budget=8 << 30, resident_blocks=3, text_encoder_device="cpu", vae_tile=256,
+                                    step_cache=wc.StepCacheSpec("magcache", None, None, 7))
+    assert run_options(n.WanCoreMemoryOptions().options(0.0, -1, "no", "off", 512)[0]).text_encoder_device == "gpu"
+    assert run_options(memory, vae_tile="off").vae_tile == "off"   # WanCore Decode's own tiling wins
 
 
 def test_memory_plan_on_a_gpu_chooses_block_swap_from_the_budget(pack, models):
-    from wancore_pack.nodes.plans import plan_dit
+    """The node's memory widgets reach wan_core's planner (fake cuda device: nothing runs)."""
+    from wancore_pack.nodes.plans import run_options
 
-    n, dit = pack.nodes, models.t2v
+    n, dit, wc = pack.nodes, models.t2v.model, pack.wan_core
+    plan_sampling, job = wc.run_plan.plan_sampling, wc.Job.from_latent_shape((16, 21, 60, 104))
     options = n.WanCoreMemoryOptions()
     blocks = len(dit.blocks)
-    cuda, cpu, shape = torch.device("cuda", 0), torch.device("cpu"), (16, 21, 60, 104)
-    auto = options.options(0.0, -1, "auto", "auto", 512)[0]
-    swap, line = plan_dit(dit, shape, auto, cuda, cpu, free_bytes=24 << 30)
-    assert swap.resident_blocks == blocks and line.startswith("wan_core memory plan: budget 24.00 GiB")
-    swap, line = plan_dit(dit, shape, options.options(8.0, -1, "auto", "auto", 512)[0], cuda, cpu, 1 << 40)
-    assert "budget 8.00 GiB" in line   # the user's budget wins over the free VRAM
-    swap, line = plan_dit(dit, shape, options.options(0.0, 1, "auto", "auto", 512)[0], cuda, cpu, 1 << 40)
-    assert swap.resident_blocks == 1 and "explicit" in line
-    with pytest.raises(pack.wan_core.PlanError, match="minimum"):
-        plan_dit(dit, shape, options.options(0.25, -1, "auto", "auto", 512)[0], cuda, cpu, None)
-    swap, line = plan_dit(dit, shape, auto, cuda, cpu, free_bytes=256 << 20)   # free VRAM short: stream all
-    assert swap.resident_blocks == 0 and line is None
-    assert plan_dit(dit, shape, auto, cuda, cuda, 1 << 30) == (None, None)     # --highvram: in place
-    assert plan_dit(dit, shape, auto, cpu, cpu, None) == (None, None)          # --cpu: in place
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def plan(gb, k, device=cuda, offload=cpu, free=None):
+        return plan_sampling(dit, job, run_options(options.options(gb, k, "auto", "auto", 512)[0]), device, offload,
+                             free)
+
+    p = plan(0.0, -1, free=24 << 30)
+    assert p.resident_blocks == blocks and p.reason.startswith("free VRAM 24.00 GiB")
+    assert "budget 8.00 GiB" in plan(8.0, -1, free=1 << 40).reason   # the user's budget wins over the free VRAM
+    p = plan(0.0, 1, free=1 << 40)
+    assert p.resident_blocks == 1 and "explicit" in p.reason
+    with pytest.raises(wc.PlanError, match="minimum"):
+        plan(0.25, -1)
+    assert plan(0.0, -1, free=256 << 20).resident_blocks == 0         # free VRAM short: stream all
+    assert plan(0.0, -1, offload=cuda, free=1 << 30).resident_blocks is None   # --highvram: in place
+    assert plan(0.0, -1, device=cpu, free=None).resident_blocks is None        # --cpu: in place
 
 
 @pytest.fixture()
@@ -252,7 +272,7 @@ def lora_file(model_dir, models):
     g = torch.Generator().manual_seed(5)
     sd = {}
     for name in ("blocks.0.self_attn.q", "blocks.1.ffn.0"):
-        out_f, in_f = models.t2v.get_submodule(name).weight.shape
+        out_f, in_f = models.t2v.model.get_submodule(name).weight.shape
         sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(2, in_f, generator=g)
         sd[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_f, 2, generator=g) * 0.5
     sd["diffusion_model.blocks.0.no_such_layer.lora_down.weight"] = torch.zeros(2, 4)
@@ -276,17 +296,17 @@ def test_lora_node_applies_the_lora_unmerged_while_sampling_as_wan_core_does(pac
     text = n.WanCoreTextEncode().encode(models.te, "a cat", "", "t2v")[0]
     size = n.WanCoreEmptyVideoEmbeds().embeds(W, H, F)[0]
     plain = _plain(pack, models, text, size, **SETTINGS)
-    before = {k: v.clone() for k, v in models.t2v.state_dict().items()}
+    before = {k: v.clone() for k, v in models.t2v.model.state_dict().items()}
     with caplog.at_level(logging.WARNING, logger="wan_core"):
         out = n.WanCoreSampler().sample(models.t2v, text, size, loras=loras, **SETTINGS)[0]["samples"]
     assert any("no_such_layer" in r.getMessage() for r in caplog.records), "unmatched keys must be named"
     settings = wc.SamplerSettings(**SETTINGS)
-    with wc.applied_loras(models.t2v, list(loras)):
-        ref = wc.sample(models.t2v, text, settings, shape=wc.latent_shape(W, H, F))
+    with wc.applied_loras(models.t2v.model, list(loras)):
+        ref = wc.sample(models.t2v.model, text, settings, shape=wc.latent_shape(W, H, F))
     assert torch.equal(out, wc.vae.denormalize_latents(ref[None]))
     assert not torch.equal(out, plain)
     # removed afterwards: weights and output exactly as before
-    assert all(torch.equal(v, before[k]) for k, v in models.t2v.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in models.t2v.model.state_dict().items())
     assert torch.equal(_plain(pack, models, text, size, **SETTINGS), plain)
     # with memory options (block swap on the CPU): the very same numbers
     memory = n.WanCoreMemoryOptions().options(0.0, 1, "auto", "auto", 512)[0]
@@ -306,7 +326,7 @@ def test_loader_merges_loras_and_stores_fp8_weights(pack, models, lora_file, mon
     out = n.WanCoreSampler().sample(merged, text, size, **SETTINGS)[0]["samples"]
     torch.testing.assert_close(out, unmerged, rtol=0, atol=1e-4)   # float32 rounding only (W+sBA vs Wx+sBAx)
     fp8 = n.WanCoreLoadDiT().load("wan_tiny_t2v.safetensors", "fp8_e4m3fn", "sdpa")[0]
-    assert fp8.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    assert fp8.model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
     out8 = n.WanCoreSampler().sample(fp8, text, size, **SETTINGS)[0]["samples"]
     assert out8.shape == out.shape and torch.isfinite(out8).all()
 
@@ -359,14 +379,16 @@ def test_compile_options_trace_the_blocks_with_the_same_numbers_and_disconnectin
     size = n.WanCoreEmptyVideoEmbeds().embeds(W, H, F)[0]
     plain = _plain(pack, models, text, size, **SETTINGS)
     options = n.WanCoreCompileOptions().options("eager", "default", "auto")[0]   # dynamo trace, no codegen
+    compiled = pack.nodes.plans.compiled_models()
+    dit = models.t2v.model
     torch._dynamo.reset()
     try:
         out = n.WanCoreSampler().sample(models.t2v, text, size, compile=options, **SETTINGS)[0]["samples"]
-        assert models.t2v.wancore_compiled is not None and not models.t2v.wancore_compiled.fell_back
-        assert "forward" in models.t2v.blocks[0].__dict__
+        assert compiled.get(dit) is not None and not compiled.get(dit).fell_back
+        assert "forward" in dit.blocks[0].__dict__ and "wancore_compiled" not in vars(dit)
         assert torch.equal(out, plain)
         again = n.WanCoreSampler().sample(models.t2v, text, size, **SETTINGS)[0]["samples"]
-        assert models.t2v.wancore_compiled is None and "forward" not in models.t2v.blocks[0].__dict__
+        assert compiled.get(dit) is None and "forward" not in dit.blocks[0].__dict__
         assert torch.equal(again, plain)
     finally:
         torch._dynamo.reset()

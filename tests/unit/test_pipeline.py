@@ -218,7 +218,7 @@ def test_i2v_model_without_image_and_t2v_model_with_image_are_refused(models) ->
     with pytest.raises(ValueError, match="give it a start image"):
         sample(models["i2v"], text, SETTINGS, shape=latent_shape(W, H, FRAMES))
     fake = ImageEmbeds(y=torch.zeros(20, 2, 4, 6), clip_fea=torch.zeros(17, 160), width=W, height=H, frames=FRAMES)
-    with pytest.raises(ValueError, match="it takes no start image"):
+    with pytest.raises(ValueError, match="is a text-to-video model; it takes no image"):
         sample(models["t2v"], text, SETTINGS, image=fake)
     with pytest.raises(ValueError, match="end_image needs an FLF2V model"):
         generate(dit=models["i2v"], image=_image(), end_image=_image(), clip_vision=models["clip"], **common)

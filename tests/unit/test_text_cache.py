@@ -87,15 +87,20 @@ def test_different_encoders_do_not_share_entries(paths, te) -> None:
     assert len(cache) == 1
 
 
-def test_encode_and_release_offloads_after_encoding_and_not_on_a_hit(te, monkeypatch) -> None:
-    moves = []
-    original = te.model.to
-    monkeypatch.setattr(te.model, "to", lambda *a, **k: (moves.append(a), original(*a, **k))[1])
+def test_encode_and_release_runs_on_device_copies_and_not_on_a_hit(te, monkeypatch) -> None:
+    import wan_core.text_cache as text_cache
+
+    placements = []
+    real = text_cache.on_device
+    monkeypatch.setattr(text_cache, "on_device", lambda m, d: (placements.append(str(d)), real(m, d))[1])
+    masters = [p.data_ptr() for p in te.model.parameters()]
     cache = PromptCache()
-    first = encode_and_release(te, ["a cat"], cache, offload="cpu")
-    assert moves == [("cpu",)]
-    again = encode_and_release(te, ["a cat"], cache, offload="cpu")
-    assert moves == [("cpu",)] and again[0] is first[0]
+    first = encode_and_release(te, ["a cat"], cache, device="cpu")
+    assert placements == ["cpu"]
+    # the resting weights never moved: the very same tensors before and after
+    assert [p.data_ptr() for p in te.model.parameters()] == masters
+    again = encode_and_release(te, ["a cat"], cache, device="cpu")
+    assert placements == ["cpu"] and again[0] is first[0]
 
 
 def test_generate_with_a_cache_loads_no_text_encoder_for_a_requeued_prompt(paths, monkeypatch) -> None:

@@ -27,7 +27,8 @@ UI = sorted((ROOT / "workflows").glob("*.json"))
 API_DIR = ROOT / "workflows" / "api"
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 CONTROL = {"fixed", "increment", "decrement", "randomize"}
-EXPECTED = {"wan_t2v_1.3B", "wan_t2v_14B_fp8_8GB", "wan_i2v_480p", "wan_i2v_720p", "wan_flf2v_720p", "wan_v2v_1.3B",
+EXPECTED = {"wan_t2v_1.3B_257_context_windows", "wan_i2v_480p_extend_x3", "wan_t2v_1.3B_loop",
+            "wan_t2v_14B_fp8_8GB", "wan_i2v_480p", "wan_i2v_720p", "wan_flf2v_720p", "wan_v2v_1.3B", "wan_t2v_1.3B",
             "wan_t2i_1.3B"}
 
 # Core nodes (ComfyUI 0.3.64): inputs in order as (name, type or combo options, widget?), output types.
@@ -157,7 +158,7 @@ def test_links_connect_matching_types_and_agree_with_the_nodes(path, specs):
     for n in wf["nodes"]:
         required = [name for name, kind, widget, opts in specs[n["type"]][0] if not widget]
         linked = {s["name"] for s in n["inputs"] if s["link"] is not None}
-        optional = {"audio", "end_image", "latent", "memory", "loras", "step_cache", "compile"}
+        optional = {"audio", "end_image", "latent", "memory", "loras", "step_cache", "compile", "context", "guidance"}
         assert set(required) - optional <= linked, (path.stem, n["type"], set(required) - linked)
 
 

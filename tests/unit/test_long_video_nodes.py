@@ -1,0 +1,56 @@
+"""WanCore Context Options / Guidance Options nodes into the sampler node (no ComfyUI)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nodepack
+import tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SETTINGS = dict(seed=7, steps=2, cfg=5.0, shift=5.0, sampler="euler", denoise=1.0)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return nodepack.load_pack()
+
+
+def test_option_nodes_drive_the_sampler_like_wan_core(pack) -> None:
+    n, wc = pack.nodes, pack.wan_core
+    context = n.WanCoreContextOptions().options(17, 8, "uniform", "overlap-linear", False, True)[0]
+    guidance = n.WanCoreGuidanceOptions().options("1", 0.0, 1.0, True, 0, "0:5,1:1", False)[0]
+    assert (context.latent_length, context.latent_overlap, context.freenoise) == (5, 2, True)
+    assert guidance.slg_blocks == (1,) and guidance.cfg_schedule == ((0, 5.0), (1, 1.0))
+    assert n.WanCoreGuidanceOptions.VALIDATE_INPUTS(slg_blocks="x") != True  # noqa: E712 (text = refused)
+    assert n.WanCoreGuidanceOptions.VALIDATE_INPUTS(slg_blocks="9,10", cfg_schedule="0:6") is True
+
+    torch.manual_seed(0)
+    dit = wc.dit.WanDiT(wc.DiTConfig(**{f: getattr(tiny.TINY_DIT_T2V, f)
+                                        for f in tiny.TINY_DIT_T2V.__dataclass_fields__})).eval()
+    g = torch.Generator().manual_seed(1)
+    text = wc.TextEmbeds(torch.randn(5, tiny.TINY_T5.dim, generator=g), torch.randn(3, tiny.TINY_T5.dim, generator=g))
+    size = n.types.VideoSize(32, 32, 33)            # 9 latent frames: two windows of 5
+    loaded = n.types.LoadedDiT(dit)
+    out = n.WanCoreSampler().sample(loaded, text, size, context=context, guidance=guidance, **SETTINGS)[0]["samples"]
+    settings = wc.SamplerSettings(steps=2, cfg=5.0, shift=5.0, sampler="euler", seed=7)
+    ref = wc.sample(dit, text, settings, shape=(16, 9, 4, 4), context=context, guidance=guidance)
+    assert torch.equal(out, wc.vae.denormalize_latents(ref[None]))
+    plain = n.WanCoreSampler().sample(loaded, text, size, **SETTINGS)[0]["samples"]
+    assert not torch.equal(plain, out)
+
+
+def test_extend_video_node_continues_a_video(pack, tmp_path) -> None:
+    import factory
+
+    n, wc = pack.nodes, pack.wan_core
+    dit = wc.load_dit(factory.write_checkpoint(tmp_path, "dit", "official", variant="t2v"), dtype=torch.float32)
+    vae = wc.load_vae(factory.write_checkpoint(tmp_path, "vae", "official"))
+    g = torch.Generator().manual_seed(1)
+    text = wc.TextEmbeds(torch.randn(5, dit.cfg.text_dim, generator=g), torch.randn(3, dit.cfg.text_dim, generator=g))
+    source = torch.rand(9, 32, 32, 3, generator=g)
+    out = n.WanCoreExtendVideo().extend(n.types.LoadedDiT(dit), vae, text, source, 9, 5, 1, 2, 5.0, 5.0, "unipc")[0]
+    ref = wc.extend.continue_video(dit, vae, text, source, 9, 5, wc.SamplerSettings(steps=2, seed=1))
+    assert out.shape == (13, 32, 32, 3) and torch.equal(out[:4], source[:4])
+    assert torch.allclose(out, ref, atol=1e-5)
