@@ -6,6 +6,7 @@ renamed, reordered or removed, only appended as optional ones at the end
 ``import nodes`` would be ComfyUI's own module.
 """
 from .conditioning import WanCoreEmptyVideoEmbeds, WanCoreImageToVideoEncode, WanCoreTextEncode
+from .core_types import WanCoreDiTToModel, WanCoreImageEmbedsFromCore, WanCoreTextEmbedsFromConditioning
 from .long_video import WanCoreContextOptions, WanCoreExtendVideo, WanCoreGuidanceOptions
 from .loaders import WanCoreLoadCLIPVision, WanCoreLoadDiT, WanCoreLoadTextEncoder, WanCoreLoadVAE
 from .options import WanCoreCompileOptions, WanCoreLoraLoader, WanCoreMemoryOptions, WanCoreStepCache
@@ -32,6 +33,9 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "WanCoreGuidanceOptions": WanCoreGuidanceOptions,
     "WanCoreExtendVideo": WanCoreExtendVideo,
     "WanCoreVACEEncode": WanCoreVACEEncode,
+    "WanCoreTextEmbedsFromConditioning": WanCoreTextEmbedsFromConditioning,
+    "WanCoreImageEmbedsFromCore": WanCoreImageEmbedsFromCore,
+    "WanCoreDiTToModel": WanCoreDiTToModel,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
@@ -53,6 +57,9 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "WanCoreGuidanceOptions": "WanCore Guidance Options",
     "WanCoreExtendVideo": "WanCore Extend Video",
     "WanCoreVACEEncode": "WanCore VACE Encode",
+    "WanCoreTextEmbedsFromConditioning": "WanCore Text Embeds From Conditioning",
+    "WanCoreImageEmbedsFromCore": "WanCore Image Embeds From Core",
+    "WanCoreDiTToModel": "WanCore DiT To Model",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

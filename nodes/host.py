@@ -22,11 +22,13 @@ What the host gets from us:
 from __future__ import annotations
 
 import importlib
+import weakref
 
 import torch
 
-__all__ = ["filename_list", "gguf_filename_list", "full_path", "torch_device", "offload_device", "vram_mode",
-           "make_room", "make_room_to_load", "soft_empty_cache", "free_vram_bytes", "check_interrupt", "Progress"]
+__all__ = ["filename_list", "gguf_filename_list", "model_folder_list", "full_path", "torch_device", "offload_device", "vram_mode",
+           "make_room", "make_room_to_load", "soft_empty_cache", "free_vram_bytes", "check_interrupt", "Progress",
+           "core_model", "release_from_core"]
 
 
 def _optional(name: str):
@@ -62,17 +64,70 @@ def gguf_filename_list(key: str, gguf_key: str) -> list[str]:
     names: set[str] = set()
     if gguf_key in getattr(folder_paths, "folder_names_and_paths", {}):
         names.update(folder_paths.get_filename_list(gguf_key))
-    for base in getattr(folder_paths, "get_folder_paths", lambda _key: [])(key):
+    for base in _folder_paths(key):
         for root, _dirs, files in os.walk(base, followlinks=True):
             names.update(os.path.relpath(os.path.join(root, f), base) for f in files if f.lower().endswith(".gguf"))
     return sorted(names)
 
 
-def full_path(key: str, name: str) -> str:
-    """Absolute path of ``name`` in folder ``key``; raises FileNotFoundError naming both."""
+def model_folder_list(key: str) -> list[str]:
+    """The model *folders* under ``key``'s folders, which ComfyUI's file lists leave out:
+    relative names ending in ``/`` (``Wan2.1-T2V-1.3B-Diffusers/transformer/``).
+
+    A folder is listed when it holds a ``*.safetensors.index.json`` (a sharded diffusers model)
+    or a diffusers ``config.json``, and the engine can tell its weights file
+    (:func:`wan_core.files.weights_in_folder`). A folder holding just a loose weights file is
+    not: that file is listed already. :func:`full_path` resolves these names.
+    """
+    import os
+    from pathlib import Path
+
+    from ..wan_core.files import INDEX_SUFFIX, CheckpointError, weights_in_folder
+
+    names: set[str] = set()
+    for base in _folder_paths(key):
+        for root, _dirs, files in os.walk(base, followlinks=True):
+            rel = os.path.relpath(root, base)
+            if rel == "." or not ("config.json" in files or any(f.lower().endswith(INDEX_SUFFIX) for f in files)):
+                continue
+            try:
+                weights_in_folder(Path(root))
+            except (CheckpointError, OSError):
+                continue        # no weights, or several: the files themselves stay listed
+            names.add(Path(rel).as_posix() + "/")
+    return sorted(names)
+
+
+def _folder_paths(key: str) -> list[str]:
+    """The folders of model folder ``key`` (ComfyUI's ``get_folder_paths``; none in a stub without it)."""
     import folder_paths
 
-    path = folder_paths.get_full_path(key, name)
+    return list(getattr(folder_paths, "get_folder_paths", lambda _key: [])(key))
+
+
+def _model_folder(key: str, name: str) -> str | None:
+    """The folder a :func:`model_folder_list` name stands for, or None. Only names inside one of
+    ``key``'s folders resolve (no absolute paths, no ``..``)."""
+    import os
+    from pathlib import PurePosixPath
+
+    rel = PurePosixPath(name.replace("\\", "/"))
+    parts = rel.parts
+    if not parts or rel.is_absolute() or ":" in parts[0] or any(p in (".", "..") for p in parts):
+        return None
+    for base in _folder_paths(key):
+        path = os.path.join(base, *parts)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def full_path(key: str, name: str) -> str:
+    """Absolute path of ``name`` in folder ``key`` (a file, or a folder named with a trailing
+    ``/`` as :func:`model_folder_list` lists it); raises FileNotFoundError naming both."""
+    import folder_paths
+
+    path = _model_folder(key, name) if name.endswith("/") else folder_paths.get_full_path(key, name)
     if not path:
         raise FileNotFoundError(f"'{name}' is not in the ComfyUI model folder '{key}' "
                                 f"(models/{key}/); put the file there and refresh the node.")
@@ -120,7 +175,17 @@ def make_room_to_load(path: str) -> None:
 
     device = offload_device()
     if device.type != "cpu":
-        make_room(os.path.getsize(path), device)
+        make_room(_weights_bytes(path), device)
+
+
+def _weights_bytes(path: str) -> int:
+    """Bytes of a weights file, or of the weights files of a model folder (all its shards)."""
+    import os
+
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    suffixes = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".gguf")
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file() and e.name.lower().endswith(suffixes))
 
 
 def soft_empty_cache() -> None:
@@ -188,3 +253,94 @@ def _previewer():
     if latent_preview is None or formats is None or not hasattr(formats, "Wan21"):
         return None
     return latent_preview.get_previewer(torch.device("cpu"), formats.Wan21())
+
+
+# ----------------------------------------------------------------------------- core MODEL bridge
+
+def core_model(dit: torch.nn.Module, shift: float):
+    """Our loaded :class:`wan_core.dit.WanDiT` as a core ``MODEL``: a ``ModelPatcher`` over a
+    ``comfy.model_base.WAN21`` whose ``diffusion_model`` *is* ``dit`` (the official parameter
+    names, so core LoRA loaders find their keys) and whose sampling is Wan's flow matching
+    (``ModelSamplingDiscreteFlow`` + ``CONST``, ``shift``; ModelSamplingSD3 may change it).
+
+    Only the model call is ours: ComfyUI builds the conditioning (text ``c_crossattn``,
+    ``clip_fea``, the I2V ``c_concat``), scales the input and turns the velocity into the
+    denoised prediction exactly as for its native Wan model. Weights are not copied: the
+    patcher moves ``dit`` itself between ``torch_device()`` and ``offload_device()``.
+    """
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = dit.cfg
+    variant = comfy.supported_models.WAN21_I2V if cfg.has_image_input else comfy.supported_models.WAN21_T2V
+    unet_config = {"image_model": "wan2.1", "model_type": cfg.model_type, "in_dim": cfg.in_dim, "dim": cfg.dim,
+                   "disable_unet_model_creation": True}
+    model_config = variant(unet_config)
+    model_config.sampling_settings["shift"] = float(shift)
+    model = _bridged_wan_class(comfy.model_base)(model_config, image_to_video=cfg.has_image_input,
+                                                 device=offload_device())
+    model.diffusion_model = dit
+    release_from_core(dit)   # weights still patched by an earlier bridge must not become this one's "originals"
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch_device(), offload_device=offload_device())
+    _CORE_BACKUPS.setdefault(dit, []).append(patcher.backup)   # shared by the patcher's clones (core LoRA)
+    return patcher
+
+
+# dit -> the weight-backup dicts of its core MODELs. ComfyUI patches weights (core LoRA) in place
+# and keeps the originals in the patcher's ``backup``; when the patchers die while loaded (their
+# graph nodes leave the cache) the host forgets the model unrestored. Our DiT outlives them, so
+# the originals are kept here (they hold no reference to the DiT) and put back by release_from_core.
+_CORE_BACKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def release_from_core(module: torch.nn.Module) -> None:
+    """Unload every core MODEL over ``module`` (made by :func:`core_model`): ComfyUI applies a
+    loaded model's weight patches (core LoRA loaders) to the weights in place and restores
+    them only when it unloads the model, so our own stages must not run on a module the host
+    still holds patched. A no-op outside ComfyUI or when no such model is loaded."""
+    loaded_models = getattr(_mm(), "current_loaded_models", [])
+    for i in reversed(range(len(loaded_models))):
+        loaded = loaded_models[i]
+        if getattr(getattr(loaded.model, "model", None), "diffusion_model", None) is module:
+            loaded.model_unload()
+            loaded_models.pop(i)
+    prefix = "diffusion_model."
+    for backup in _CORE_BACKUPS.get(module, ()):
+        for key, saved in list(backup.items()):   # left patched by a patcher the host has forgotten
+            name = key[len(prefix):] if key.startswith(prefix) else key
+            owner, leaf = module.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            if saved.inplace_update:
+                getattr(owner, leaf).data.copy_(saved.weight)
+            else:
+                setattr(owner, leaf, saved.weight if isinstance(saved.weight, torch.nn.Parameter)
+                        else torch.nn.Parameter(saved.weight, requires_grad=False))
+        backup.clear()
+
+
+def _bridged_wan_class(model_base):
+    class WanCoreBridgedWAN21(model_base.WAN21):
+        """ComfyUI's WAN21 with the model call replaced by a Wan Core DiT forward."""
+
+        def get_dtype(self):
+            return self.diffusion_model.resolved_compute_dtype()
+
+        def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                         **kwargs):
+            sigma = t
+            dit = self.diffusion_model
+            xc = self.model_sampling.calculate_input(sigma, x)
+            device = dit.patch_embedding.weight.device
+            if c_concat is not None:   # I2V: mask + image latents on channels, as the native model
+                xc = torch.cat([xc, c_concat.to(xc)], dim=1)
+            timestep = self.model_sampling.timestep(t).float().to(device)
+            context = c_crossattn.to(device)
+            if context.shape[1] > dit.cfg.text_len:   # core umT5 pads to 512; longer prompts are kept whole
+                context = context[:, :dit.cfg.text_len]
+            clip_fea = kwargs.get("clip_fea")
+            if clip_fea is not None:
+                clip_fea = clip_fea.to(device)
+            velocity = dit(xc.to(device).float(), timestep, context, clip_fea)
+            return self.model_sampling.calculate_denoised(sigma, velocity.to(x.device).float(), x)
+
+    return WanCoreBridgedWAN21

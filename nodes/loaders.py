@@ -29,7 +29,10 @@ def _files(key: str, gguf_key: str | None = None) -> tuple[list[str], dict]:
     files = host.filename_list(key)
     if gguf_key is not None:   # GGUF files (ComfyUI-GGUF's folder key when installed)
         files = sorted(set(files) | set(host.gguf_filename_list(key, gguf_key)))
-    return files, {"tooltip": f"A file in ComfyUI's models/{key}/ folder."}
+    # diffusers model folders (".../transformer/"), after the files so saved choices keep their place
+    files = files + [f for f in host.model_folder_list(key) if f not in files]
+    return files, {"tooltip": f"A file in ComfyUI's models/{key}/ folder, or a diffusers model folder "
+                              "(name ending in '/', e.g. Wan2.1-T2V-1.3B-Diffusers/transformer/)."}
 
 
 class WanCoreLoadDiT:
@@ -71,8 +74,9 @@ class WanCoreLoadDiT:
         else:
             dit = load_dit(path, dtype=_DTYPES[weight_dtype], device=host.offload_device(), attention=attention)
         if loras:
-            # GGUF weights cannot take a merge (it would re-quantize them): unmerged, which is exact
-            apply_loras(dit, list(loras), mode="unmerged" if is_quantized(dit) else "merge")
+            # GGUF weights cannot take a merge (it would re-quantize them): unmerged, which is exact.
+            # rollback=False: this model is dropped if the merge fails, so no originals are kept (14 GB for 14B fp8)
+            apply_loras(dit, list(loras), mode="unmerged" if is_quantized(dit) else "merge", rollback=False)
         return (LoadedDiT(dit, memory),)
 
 

@@ -168,17 +168,22 @@ class WanCoreExtendVideo:
                shift: float, sampler: str, clip_vision=None, context=None, guidance=None, unique_id=None):
         from ..wan_core import SamplerSettings, sample
         from ..wan_core.context_windows import plan_shape
-        from ..wan_core.extend import extension_inputs, join_videos
+        from ..wan_core.extend import check_overlap, extension_inputs, join_videos
         from ..wan_core.pipeline import frames_from_video
         from ..wan_core.vae_tiling import decode_tiled
 
         dit, source = model.model, video.float().cpu()
         settings = SamplerSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, seed=seed)
-        with plans.image_encode_stage(vae, *(() if clip_vision is None else (clip_vision,)),
-                                      what="VAE (extension overlap)"):
-            known, image, shape = extension_inputs(dit, vae, source, int(frames), int(overlap), clip_vision)
-        progress = host.Progress(steps, unique_id, preview=True)
         options = plans.run_options(model.memory)
+        check_overlap(int(overlap), source.shape[0], int(frames))   # before the stage plans the encode
+        # the encode tile is planned for the longest video encoded: I2V's guide video of the new clip
+        encoded = int(frames) if dit.cfg.has_image_input else int(overlap)
+        with plans.image_encode_stage(vae, *(() if clip_vision is None else (clip_vision,)),
+                                      what="VAE (extension overlap)", options=options,
+                                      size=(source.shape[2], source.shape[1], encoded)) as tiles:
+            known, image, shape = extension_inputs(dit, vae, source, int(frames), int(overlap), clip_vision,
+                                                   vae_tile=tiles.tile)
+        progress = host.Progress(steps, unique_id, preview=True)
         with plans.prepare(dit, plan_shape(shape, context), options) as plan, plan.sampling() as runner:
             latents = sample(dit, text_embeds, settings, shape=None if image is not None else shape, image=image,
                              runner=runner, guidance=guidance, context=context, known_latents=known,

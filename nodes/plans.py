@@ -79,6 +79,7 @@ def prepare(dit, shape: Sequence[int], options):
     from ..wan_core import prepare_run
 
     options = _follow_host(options)
+    host.release_from_core(dit)   # a core MODEL over this DiT (WanCore DiT To Model) may hold it LoRA-patched
     device, offload, free = _host("sampling", dit, options, shape)
     return prepare_run(dit, shape, options, device, offload, free, compiled=compiled_models())
 

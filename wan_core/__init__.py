@@ -65,9 +65,10 @@ from .lora import LoraError, LoraReport, LoraSpec, applied_loras, apply_loras
 from .offload import BlockSwap, on_device
 from .planner import MemoryPlan, PlanError, dit_sizes, plan_memory, tokens_for
 from .run_plan import (CompiledModels, CompileSpec, Job, RunOptions, RunPlan, StepCacheSpec, prepare_run)
-from .runner import DiTRunner
+from .runner import ContextKVCache, DiTRunner, context_kv_bytes
 from .context_windows import ContextOptions
 from .dit import RopeOptions
+from .distributed import DistributedError, ParallelConfig
 from .guidance import GuidanceOptions
 from . import limits
 from .errors import NonFiniteError
@@ -80,6 +81,12 @@ from .vae_tiling import decode_tiled, encode_tiled
 from .vace import WanVaceDiT
 from .vace_conditioning import VaceEmbeds, encode_vace
 from .video import read_video, write_image, write_mp4
+from .vae22 import VAE22Config, WanVAE22
+from .moe import (MOE_I2V_A14B, MOE_T2V_A14B, ExpertPair, ExpertRunner, MoEOptions, MoESampling,
+                  expert_stages)
+from .conditioning22 import encode_image_latents
+from .loaders22 import check_vae_for_dit, expert_paths, load_expert_pair
+from .ti2v import TI2V_DEFAULTS, FirstFrameRunner, encode_ti2v_image, ti2v_latent_shape
 
 __version__ = "0.1.0"
 
@@ -89,7 +96,7 @@ __version__ = "0.1.0"
 logging.getLogger("wan_core").addHandler(logging.NullHandler())
 
 __all__ = [
-    "load_dit", "load_vae", "load_text_encoder", "load_clip_vision", "inspect_checkpoint", "TextEncoder", "DiTRunner",
+    "load_dit", "load_vae", "load_text_encoder", "load_clip_vision", "inspect_checkpoint", "TextEncoder", "DiTRunner", "ContextKVCache", "context_kv_bytes",
     "encode_image", "encode_image_conditioning", "sample", "generate", "default_settings", "SamplerSettings",
     "StepInfo", "TextEmbeds", "ImageEmbeds", "NonFiniteError", "CheckpointError", "check_video_size",
     "latent_shape", "make_noise", "i2v_size", "image_to_tensor", "flow_schedule", "write_mp4", "read_video",
@@ -100,6 +107,11 @@ __all__ = [
     "applied_loras", "TeaCache", "MagCache", "PromptCache", "decode_tiled", "encode_tiled", "limits",
     "check_run_arguments", "RunOptions", "StepCacheSpec", "CompileSpec", "Job", "RunPlan", "prepare_run",
     "CompiledModels", "check_conditioning", "ConditioningError", "GuidanceOptions", "ContextOptions", "RopeOptions",
+    "ParallelConfig", "DistributedError",
     "WanVaceDiT", "VaceEmbeds", "encode_vace",
+    "WanVAE22", "VAE22Config", "MoEOptions", "MoESampling", "ExpertPair", "ExpertRunner", "expert_stages",
+    "MOE_T2V_A14B", "MOE_I2V_A14B", "encode_image_latents",
+    "load_expert_pair", "expert_paths", "check_vae_for_dit", "TI2V_DEFAULTS", "FirstFrameRunner",
+    "encode_ti2v_image", "ti2v_latent_shape",
     "__version__",
 ]

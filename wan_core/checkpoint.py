@@ -39,7 +39,8 @@ _OPTIONAL_PARAMS = {"clip_vision": ("head", "post_norm.weight", "post_norm.bias"
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What was loaded: printed as one line and kept on the module as ``checkpoint_report``."""
+    """What was loaded: printed as one line and kept on the module in its declared
+    ``checkpoint_report`` field (every network class declares it, None until loaded)."""
 
     path: Path
     kind: str
@@ -221,6 +222,8 @@ def load_module(path: str | os.PathLike, kind: str, build, dtype: torch.dtype | 
             raise CheckpointError(f"{path.name}: the config inferred from its shapes ({det.description}) "
                                   f"cannot be built ({type(err).__name__}); the file is corrupt or of an "
                                   "unsupported variant.") from err
+        if not hasattr(model, "checkpoint_report"):   # the network contract (docs/DEVELOPING.md)
+            raise TypeError(f"{type(model).__name__} does not declare 'checkpoint_report: LoadReport | None'.")
         params = dict(model.named_parameters())
         unexpected = sorted(n for n in det.recipes if n not in params)
         if unexpected:
@@ -282,7 +285,7 @@ def load_module(path: str | os.PathLike, kind: str, build, dtype: torch.dtype | 
     model.eval().requires_grad_(False)
     report = LoadReport(path, det.kind, det.layout, det.config.variant, det.quant, tuple(sorted(src_dtypes)),
                         "/".join(sorted(stored)), det.config)
-    model.checkpoint_report = report  # type: ignore[attr-defined]
+    model.checkpoint_report = report
     log.info(report.line())
     return model, det
 

@@ -184,15 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--step-cache", type=_step_cache, metavar="teacache|magcache[:THR]",
                     help="skip steps whose change is predicted small (default threshold: the published one)")
     sp.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slow first step)")
-
-    mg = g.add_argument_group("several GPUs", "start N = ulysses x ring (x 2 with --cfg-parallel) processes with "
-                              "torchrun --nproc-per-node N -m wan_core generate ...; rank 0 writes the output")
-    mg.add_argument("--ulysses", type=_count, default=1, metavar="U",
-                    help="Ulysses degree: attention heads split over U processes (must divide the heads: 12 for "
+    # several GPUs: start N = ulysses x ring (x 2 with --cfg-parallel) processes with
+    # torchrun --nproc-per-node N -m wan_core generate ...; rank 0 writes the output
+    sp.add_argument("--ulysses", type=_count, default=1, metavar="U",
+                    help="under torchrun: attention heads split over U processes (must divide the heads: 12 for "
                          "1.3B, 40 for 14B)")
-    mg.add_argument("--ring", type=_count, default=1, metavar="R", help="Ring degree: tokens' K/V passed round R processes")
-    mg.add_argument("--cfg-parallel", action="store_true",
-                    help="conditional and unconditional passes on two halves of the processes")
+    sp.add_argument("--ring", type=_count, default=1, metavar="R",
+                    help="under torchrun: the tokens' K/V passed round R processes (N = U x R, x 2 with "
+                         "--cfg-parallel)")
+    sp.add_argument("--cfg-parallel", action="store_true",
+                    help="under torchrun: conditional and unconditional passes on two halves of the processes")
 
     lv = g.add_argument_group("long video and guidance", "off by default; the defaults change no number")
     lv.add_argument("--context-frames", type=int, metavar="N",

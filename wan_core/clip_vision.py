@@ -21,7 +21,7 @@ honoured in forward):
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,9 @@ from einops import rearrange
 
 from .configs import CLIPVisionConfig
 from .layers import CastLinear, PrecisionPolicy
+
+if TYPE_CHECKING:
+    from .checkpoint import LoadReport
 
 PRECISION = PrecisionPolicy(keep_fp32=("embedding", "norm"))
 #: Parameter-name fragments stored in float32 whatever the storage dtype of the rest.
@@ -86,6 +89,7 @@ class CLIPVisionTower(nn.Module):
     """
 
     precision: ClassVar[PrecisionPolicy] = PRECISION
+    checkpoint_report: LoadReport | None   # what the loader read (None when built directly)
 
     def __init__(self, config: CLIPVisionConfig, *, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -93,6 +97,7 @@ class CLIPVisionTower(nn.Module):
             raise ValueError(f"CLIP width {config.width} is not a multiple of head_dim {config.head_dim}.")
         self.config = config
         self.compute_dtype = compute_dtype
+        self.checkpoint_report = None
         w, p = config.width, config.patch_size
         scale = w ** -0.5  # the official init; real weights replace it
         self.cls_embedding = nn.Parameter(scale * torch.randn(1, 1, w))

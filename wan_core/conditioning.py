@@ -51,11 +51,12 @@ class ImageEmbeds:
 
     y: ``[20, T', H/8, W/8]`` = 4 mask channels (1 = known frame) + 16 normalised VAE
         latents of the guide video; clip_fea: ``[N, clip_width]`` CLIP penultimate tokens
-        (257 for one image, 514 for first + last frame).
+        (257 for one image, 514 for first + last frame); None for Wan 2.2 I2V-A14B, which
+        takes no CLIP tokens (:func:`wan_core.conditioning22.encode_image_latents`).
     """
 
     y: Tensor
-    clip_fea: Tensor
+    clip_fea: Tensor | None
     width: int
     height: int
     frames: int
@@ -259,9 +260,10 @@ def check_conditioning(cfg, image: ImageEmbeds | bool | None = None, *, end_imag
         isinstance(image, ImageEmbeds) and _has_end_image(image))
     if has_end and not has_image:
         raise ConditioningError("end_image needs a start image too (first-last-frame to video).")
-    if cfg.has_image_input and not has_image:
+    needs_image = getattr(cfg, "needs_image", cfg.has_image_input)   # + Wan 2.2 I2V-A14B (no CLIP)
+    if needs_image and not has_image:
         raise ConditioningError(f"{v} is an image-to-video model: pass image=... to give it a start image.")
-    if not cfg.has_image_input and has_image:
+    if not needs_image and has_image:
         raise ConditioningError(f"{v} is a text-to-video model; it takes no image. Use an I2V model, or run "
                                 "without a start image.")
     if has_end and cfg.model_type != "flf2v":

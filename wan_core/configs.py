@@ -47,7 +47,14 @@ class DiTConfig:
 
     @property
     def has_image_input(self) -> bool:
+        """Has the CLIP image branch (``img_emb``, image cross-attention): i2v / flf2v."""
         return self.model_type in ("i2v", "flf2v")
+
+    @property
+    def needs_image(self) -> bool:
+        """Takes a start image: the CLIP models and Wan 2.2 I2V-A14B ("i2v_noclip": mask + image
+        latents only, no CLIP tokens)."""
+        return self.has_image_input or self.model_type == "i2v_noclip"
 
     @property
     def variant(self) -> str:
@@ -134,6 +141,10 @@ KNOWN_DIT: dict[str, DiTConfig] = {
     "I2V-14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, model_type="i2v"),
     "FLF2V-14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, model_type="flf2v",
                            image_pos_len=514),
+    # Wan 2.2 A14B experts (each of the two has this shape); T2V-A14B experts are T2V-14B-shaped
+    "I2V-A14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, model_type="i2v_noclip"),
+    # Wan 2.2 TI2V-5B: the 48-channel latents of the Wan 2.2 VAE, per-token timesteps
+    "TI2V-5B": DiTConfig(dim=3072, ffn_dim=14336, num_layers=30, in_dim=48, out_dim=48, model_type="ti2v"),
 }
 
 # Latent normalisation of the Wan 2.1 VAE (per channel), published with the model.

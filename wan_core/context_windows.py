@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -63,7 +63,9 @@ class ContextOptions:
     schedule: "static" | "uniform" | "looped". fuse: "pyramid" | "flat" | "overlap-linear".
     stride: dilated windows for "uniform"/"looped" (1 = none). global_positions: RoPE
     positions of the window in the whole video instead of 0..n-1. freenoise: FreeNoise
-    initial noise (seeded by the run's seed).
+    initial noise (seeded by the run's seed). prompts: prompt travel, ``((start_frame,
+    TextEmbeds), ...)`` in pixel frames: each window takes the prompt (and its negative) that
+    starts last at or before the window's middle frame.
     """
 
     context_frames: int = 81
@@ -73,6 +75,9 @@ class ContextOptions:
     stride: int = 1
     global_positions: bool = False
     freenoise: bool = False
+    # prompt travel: ((start pixel frame, TextEmbeds), ...) by increasing frame; a window uses
+    # the last prompt starting at or before its middle frame (the run's own text before the first)
+    prompts: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.context_frames < 5 or (self.context_frames - 1) % VAE_TIME_STRIDE:
@@ -87,6 +92,10 @@ class ContextOptions:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
         if self.fuse not in FUSE_METHODS:
             raise ValueError(f"fuse must be one of {', '.join(FUSE_METHODS)}; got {self.fuse!r}")
+        starts = [int(s) for s, _ in self.prompts]
+        if starts != sorted(set(starts)) or any(s < 0 for s in starts):
+            raise ValueError(f"prompt travel needs (start frame >= 0, TextEmbeds) pairs by increasing frame; got "
+                             f"starts {starts}")
         if self.stride < 1:
             raise ValueError(f"stride must be >= 1; got {self.stride}")
 
@@ -111,7 +120,8 @@ class ContextOptions:
         n = len(self.windows(num_frames))
         return (f"context windows: {n} x {self.context_frames} frames ({self.latent_length} latent), overlap "
                 f"{self.overlap} ({self.latent_overlap} latent), {self.schedule}, {self.fuse}"
-                f"{', global positions' if self.global_positions else ''}{', FreeNoise' if self.freenoise else ''}; "
+                f"{', global positions' if self.global_positions else ''}{', FreeNoise' if self.freenoise else ''}"
+                f"{f', {len(self.prompts)} travel prompt(s)' if self.prompts else ''}; "
                 f"peak = one window's activations")
 
 
@@ -269,7 +279,8 @@ def freenoise(noise: Tensor, length: int, overlap: int, seed: int, dim: int = 1)
 
 
 def branch_evaluator(runner, clip: Tensor | None, y: Tensor | None, latent_frames: int, guidance=None,
-                     context: ContextOptions | None = None) -> Callable[..., Tensor]:
+                     context: ContextOptions | None = None,
+                     interrupt: Callable[[], None] | None = None) -> Callable[..., Tensor]:
     """The sampler's model call for one CFG branch, with or without context windows.
 
     Returns ``evaluate(x, t, text, branch, step, skip_blocks=()) -> velocity`` (x ``[1, 16, T',
@@ -278,7 +289,8 @@ def branch_evaluator(runner, clip: Tensor | None, y: Tensor | None, latent_frame
     Window ``k`` slices ``x`` and ``y`` (mask + image latents) to its frames, keeps the full
     text and CLIP tokens, and uses step-cache branch ``"<branch>/w<k>"``. guidance: a
     :class:`~wan_core.guidance.GuidanceOptions` (RIFLEx: single-window runs and windows with
-    global positions; own-clip windows keep the trained RoPE), or None.
+    global positions; own-clip windows keep the trained RoPE), or None. interrupt: called
+    before every window after the first (the sampler calls it before each evaluation).
     """
     windowed = context is not None and context.active(latent_frames)
     blocks = len(runner.dit.blocks)
@@ -289,18 +301,30 @@ def branch_evaluator(runner, clip: Tensor | None, y: Tensor | None, latent_frame
     def rope(length: int, offset: int = 0):
         return guidance.rope(length, offset) if guidance is not None else None
 
+    def window_text(window: list[int], text: Tensor, branch: str) -> Tensor:
+        middle = window[len(window) // 2] * VAE_TIME_STRIDE   # pixel frame of the window's middle latent
+        chosen = None
+        for start, embeds in context.prompts:
+            if start <= middle:
+                chosen = embeds
+        if chosen is None:
+            return text
+        return (chosen.negative if branch.startswith("uncond") else chosen.positive).to(text.device, text.dtype)[None]
+
     def evaluate(x: Tensor, t: Tensor, text: Tensor, branch: str, step: int, skip_blocks=()) -> Tensor:
         if not windowed:
             return runner(x, t, text, clip, y, branch=branch, rope=rope(latent_frames), skip_blocks=skip_blocks)
 
         def one(k: int, window: list[int]) -> Tensor:
+            if k and interrupt is not None:
+                interrupt()
             idx = torch.tensor(window, device=x.device)
             yw = None if y is None else y.index_select(2, idx)
             # own-clip windows are within the trained length: RoPE as trained (no RIFLEx);
             # global positions extrapolate like one long clip, so RIFLEx (if asked) covers them all
             r = rope(max(latent_frames, window[0] + len(window)), window[0]) if context.global_positions else None
-            return runner(x.index_select(2, idx), t, text, clip, yw, branch=f"{branch}/w{k}", rope=r,
-                          skip_blocks=skip_blocks)
+            return runner(x.index_select(2, idx), t, window_text(window, text, branch), clip, yw,
+                          branch=f"{branch}/w{k}", rope=r, skip_blocks=skip_blocks)
 
         return fuse_windows(x, context.windows(latent_frames, step), one, context.fuse, context.latent_overlap)
 

@@ -29,7 +29,8 @@ Sequence-parallel DiT call (:class:`SequenceParallelRunner`), for ``L`` tokens:
    - the padding keys (the tail of the sequence) are cut off before attention, so they are
      excluded exactly (padding queries compute harmless values that are dropped);
    - the reverse ``all_to_all`` brings the heads back;
-3. ``all_gather`` in the sequence group rebuilds ``[B, L, dim]`` for ``dit.finish``.
+3. the head runs on the chunk; ``all_gather`` in the sequence group rebuilds its output
+   ``[B, L, 64]``, unpatchified to the velocity.
 
 CFG parallelism (:class:`CFGParallel`): the two halves of the world evaluate the conditional
 and the unconditional branch of a step at once; ``all_gather`` in the pair group
@@ -38,12 +39,20 @@ the same numbers and ends with the same latents.
 
 Communication per DiT call and rank (``b`` bytes per element, ``d = dim``, ``N`` blocks):
 Ulysses ``N * 4 * (U - 1)/U * L/P * d * b`` (q, k, v forward, output back), Ring
-``N * 2 * (R - 1) * L/P * d/U * b`` (K and V round the ring), plus one ``all_gather`` of
-``L * d * 4`` bytes (float32 tokens). See ``bench/multi_gpu.py``.
+``N * 2 * (R - 1) * L/P * d * b`` (K and V round the ring), plus one ``all_gather`` of the
+head output (``(P - 1) * L/P * 64 * 4`` bytes; the head is per token, so it runs on the chunk)
+(:func:`comm_bytes_per_step`; measured equal in ``bench/multi_gpu.py``).
+
+Sharded weights (:func:`shard_blocks`): FSDP2 ``fully_shard`` of every block over the
+sequence group, so a rank keeps 1/P of the block weights and gathers a block just before it
+runs.
 
 Limits: step caches (TeaCache/MagCache) decide per rank and are refused with sequence
-parallelism (their decisions would differ between ranks); the ring's per-block attention is
-an explicit softmax (memory ``[B, H, c * U, c * U]`` per block) on every device.
+parallelism (their decisions would differ between ranks), and so are VACE models (their
+hints are full-sequence); the ring's per-block attention is an explicit softmax on every
+device, in query chunks of at most :data:`MAX_SCORES` scores (a flash kernel returning the
+log-sum-exp would be faster on GPUs); every rank runs the text encoder, the image encode and
+the VAE decode itself (same numbers, no communication; only rank 0's frames are written).
 """
 from __future__ import annotations
 
@@ -65,7 +74,7 @@ from .runner import BlockExecutor, DiTRunner
 
 __all__ = ["ParallelConfig", "ParallelGroups", "DistributedError", "make_groups", "init_process_group", "cli_parallel",
            "SequenceParallelAttention", "SequenceParallelRunner", "CFGParallel", "shard_tokens", "gather_tokens",
-           "comm_bytes_per_step"]
+           "comm_bytes_per_step", "shard_blocks"]
 
 #: Head counts of the published DiTs (for the error message; the check uses the model's own).
 PUBLISHED_HEADS = "12 for Wan 2.1 1.3B, 40 for 14B"
@@ -243,15 +252,26 @@ def _ulysses_gather_heads(x: Tensor, group, degree: int) -> Tensor:
     return recv.permute(1, 2, 0, 3, 4).reshape(b, n, degree * hh, d)
 
 
-def block_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+#: Largest score matrix (elements, float32) one ring block builds at once: 2**26 = 256 MiB.
+MAX_SCORES = 1 << 26
+
+
+def block_attention_lse(q: Tensor, k: Tensor, v: Tensor, max_scores: int = MAX_SCORES) -> tuple[Tensor, Tensor]:
     """Softmax attention of ``q`` ``[B, Lq, H, D]`` over one key block ``[B, Lk, H, D]``.
 
     Returns the output ``[B, Lq, H, D]`` float32 and its log-sum-exp ``[B, H, Lq]`` float32
-    (explicit softmax, so the LSE needed by the ring merge is exact on every device).
+    (explicit softmax, so the LSE needed by the ring merge is exact on every device). Queries
+    run in chunks so the score matrix stays under ``max_scores`` elements (rows are
+    independent; only the GEMM rounding may change, <= 5e-7 measured).
     """
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * (q.shape[-1] ** -0.5)
+    b, lq, h, _ = q.shape
+    rows = max(1, max_scores // max(1, b * h * k.shape[1]))
+    if rows < lq:
+        parts = [block_attention_lse(q[:, i:i + rows], k, v, max_scores) for i in range(0, lq, rows)]
+        return torch.cat([o for o, _ in parts], dim=1), torch.cat([s for _, s in parts], dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()).mul_(q.shape[-1] ** -0.5)
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None])
+    probs = scores.sub_(lse[..., None]).exp_()   # in place: one [B, H, Lq, Lk] float32 alive, not three
     return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()), lse
 
 
@@ -342,7 +362,7 @@ def shard_tokens(tokens: Tensor, inputs: BlockInputs, groups: ParallelGroups) ->
 
 
 def gather_tokens(local: Tensor, groups: ParallelGroups, length: int) -> Tensor:
-    """All chunks of the sequence group, in order, without the padding: ``[B, L, dim]``."""
+    """All chunks ``[B, c, features]`` of the sequence group, in order, without the padding: ``[B, L, features]``."""
     parts = [torch.empty_like(local) for _ in range(groups.config.sequence_degree)]
     _wrap("the token all_gather", lambda: dist.all_gather(parts, local.contiguous(), group=groups.sequence_group))
     return torch.cat(parts, dim=1)[:, :length]
@@ -358,6 +378,10 @@ class SequenceParallelRunner(DiTRunner):
     def __init__(self, dit: WanDiT, groups: ParallelGroups, executor: BlockExecutor | None = None) -> None:
         super().__init__(dit, executor, None)
         groups.config.check(groups.config.world_size, dit.cfg.num_heads)
+        from .offload import BlockSwap
+
+        if isinstance(executor, BlockSwap) and any(type(p).__name__ == "DTensor" for p in dit.blocks.parameters()):
+            raise ValueError("block swap cannot stream sharded blocks (shard_blocks): use one or the other")
         self.groups = groups
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None,
@@ -379,7 +403,8 @@ class SequenceParallelRunner(DiTRunner):
         local, local_inputs = shard_tokens(tokens, dataclasses.replace(inputs, skip_blocks=skip), self.groups)
         del tokens
         local = self.executor.run(self.dit.blocks, local, local_inputs)
-        return self.dit.finish(gather_tokens(local, self.groups, length), inputs)
+        # the head is per token: run it on the chunk and gather 64 features a token, not dim
+        return self.dit.unpatchify(gather_tokens(self.dit.head(local, inputs.e), self.groups, length), inputs.grid)
 
 
 class CFGParallel:
@@ -429,12 +454,13 @@ def cli_parallel(args) -> ParallelGroups | None:
 
 
 def comm_bytes_per_step(config: ParallelConfig, tokens: int, dim: int, layers: int, latent_elems: int,
-                        activation_bytes: int = 2, guided: bool = True) -> dict[str, int]:
+                        activation_bytes: int = 2, guided: bool = True, head_features: int = 64) -> dict[str, int]:
     """Bytes one rank sends per sampling step (the formula of the module docstring).
 
     tokens: L (before padding); dim: model width; layers: DiT blocks; latent_elems: elements
     of one velocity ``[16, T', H/8, W/8]`` (float32, exchanged by CFG parallelism);
-    activation_bytes: of the compute dtype (2 for bf16); guided: cfg != 1 (two branches).
+    activation_bytes: of the compute dtype (2 for bf16); guided: cfg != 1 (two branches);
+    head_features: per token out of the head (patch 1x2x2 x 16 channels = 64).
     Returns the parts ("ulysses", "ring", "gather", "cfg") and their "total".
     """
     u, r, p = config.ulysses, config.ring, config.sequence_degree
@@ -445,10 +471,42 @@ def comm_bytes_per_step(config: ParallelConfig, tokens: int, dim: int, layers: i
         "ulysses": layers * 4 * chunk * dim * activation_bytes * (u - 1) // u,
         # K and V of a ring block (U chunks, 1/U of the heads) passed on R - 1 times
         "ring": layers * 2 * (r - 1) * chunk * dim * activation_bytes,
-        # the float32 token chunk to every other rank of the sequence group
-        "gather": (p - 1) * chunk * dim * 4 if p > 1 else 0,
+        # the head's float32 output chunk (64 features a token) to every other rank of the group
+        "gather": (p - 1) * chunk * head_features * 4 if p > 1 else 0,
     }
     parts = {k: v * calls for k, v in parts.items()}
     parts["cfg"] = latent_elems * 4 if config.cfg_parallel and guided else 0
     parts["total"] = sum(parts.values())
     return parts
+
+
+def shard_blocks(dit: WanDiT, groups: ParallelGroups, device: torch.device | str = "cpu") -> WanDiT:
+    """Shard the DiT blocks' weights over the sequence group with FSDP2 (``fully_shard``).
+
+    Each rank keeps 1/P of every block's Linear weights (the dtype they are stored in: bf16,
+    fp16, fp32; fp8 needs NCCL) and all-gathers a block's just before it runs, freeing them
+    after (``reshard_after_forward``); parameters of another dtype (the float32 norms and
+    modulation of a bf16 model) stay whole on every rank. Embeddings and head stay whole too
+    (about 2 % of the 14B). The ranks of a sequence group run the same blocks at the same time
+    (Skip Layer Guidance skips the same ones in a group), which FSDP's collectives need; CFG
+    halves never share a collective. Not combinable with block swap (it moves whole blocks).
+    Returns ``dit``, changed in place. Every rank of the world calls it.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .fp8 import is_fp8
+
+    device = torch.device(device)
+    if groups.config.sequence_degree == 1:
+        return dit
+    if dist.get_backend(groups.sequence_group) == "gloo" and any(is_fp8(p.dtype) for p in dit.blocks.parameters()):
+        raise ValueError("fp8 weights cannot be sharded over gloo (it has no float8 all_gather): shard them on GPUs "
+                         "(NCCL) or store the DiT in bf16")
+    mesh = DeviceMesh.from_group(groups.sequence_group, device.type)
+    for block in dit.blocks:
+        block.to(device)   # one whole block on the device at a time; FSDP keeps this rank's shard
+        weight_dtype = block.self_attn.q.weight.dtype
+        whole = {p for p in block.parameters() if p.dtype != weight_dtype}
+        fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=whole or None)
+    return dit

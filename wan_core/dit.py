@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,9 @@ from torch import Tensor, nn
 from .attention import BACKENDS, attention
 from .configs import DiTConfig
 from .layers import CastLinear, PrecisionPolicy
+
+if TYPE_CHECKING:
+    from .checkpoint import LoadReport
 
 PRECISION = PrecisionPolicy(keep_fp32=(
     "patch_embedding", "time_embedding", "time_projection", "modulation", "norm",
@@ -238,6 +241,10 @@ class BlockInputs:
     # self-attention op ``(q, k, v, backend) -> out`` over [B, L, H, D]; None = attention.attention.
     # Sequence parallelism (wan_core.distributed) passes one that attends across the ranks.
     self_attention: Callable[[Tensor, Tensor, Tensor, str], Tensor] | None = None
+    # cross-attention K/V per block (``CrossAttention`` module -> (k, v, k_img, v_img)), filled by
+    # the first call and read by later ones with the same text/image context; None = computed per
+    # call. The runner owns it (wan_core.runner.ContextKVCache: one per guidance branch, per run).
+    cross_kv: dict[nn.Module, tuple[Tensor, Tensor, Tensor | None, Tensor | None]] | None = None
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
@@ -288,20 +295,34 @@ class CrossAttention(nn.Module):
             self.v_img = CastLinear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps)
 
+    def context_kv(self, inp: BlockInputs) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """K/V of the text (and image) context ``[B, N, heads, D]`` compute dtype; they depend
+        on the context only, so a run computes them once per guidance branch (``inp.cross_kv``)."""
+        cd, heads = inp.compute_dtype, self.num_heads
+        ctx = inp.context.to(cd)
+        k = _split_heads(self.norm_k(self.k(ctx)).to(cd), heads)
+        v = _split_heads(self.v(ctx), heads)
+        if not hasattr(self, "k_img"):
+            return k, v, None, None
+        if inp.context_img is None:
+            raise ValueError("this DiT is an image-conditioned model (i2v/flf2v) and needs clip_fea")
+        img = inp.context_img.to(cd)
+        k_img = _split_heads(self.norm_k_img(self.k_img(img)).to(cd), heads)
+        return k, v, k_img, _split_heads(self.v_img(img), heads)
+
     def forward(self, x: Tensor, inp: BlockInputs) -> Tensor:
         """``x`` ``[B, L, dim]`` -> ``[B, L, dim]`` compute dtype."""
         cd, heads = inp.compute_dtype, self.num_heads
         q = _split_heads(self.norm_q(self.q(x.to(cd))).to(cd), heads)
-        ctx = inp.context.to(cd)
-        k = _split_heads(self.norm_k(self.k(ctx)).to(cd), heads)
-        v = _split_heads(self.v(ctx), heads)
+        cache = inp.cross_kv
+        kv = None if cache is None else cache.get(self)
+        if kv is None:
+            kv = self.context_kv(inp)
+            if cache is not None:
+                cache[self] = kv
+        k, v, k_img, v_img = kv
         out = attention(q, k, v, inp.attention_backend)
-        if hasattr(self, "k_img"):
-            if inp.context_img is None:
-                raise ValueError("this DiT is an image-conditioned model (i2v/flf2v) and needs clip_fea")
-            img = inp.context_img.to(cd)
-            k_img = _split_heads(self.norm_k_img(self.k_img(img)).to(cd), heads)
-            v_img = _split_heads(self.v_img(img), heads)
+        if k_img is not None:
             out = out + attention(q, k_img, v_img, inp.attention_backend)
         return self.o(_merge_heads(out))
 
@@ -326,7 +347,10 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: Tensor, inp: BlockInputs) -> Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + inp.e0).chunk(6, dim=1)
+        if inp.e0.dim() == 3:   # one timestep per sample: [B, 6, dim]
+            shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + inp.e0).chunk(6, dim=1)
+        else:                   # per token (Wan 2.2 TI2V): [B, L, 6, dim] -> six [B, L, dim]
+            shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + inp.e0).unbind(2)
         cd = inp.compute_dtype
         # Each float32 norm output is cast to the compute dtype here, where it dies at once,
         # instead of inside the callee while this frame still holds it: the same casts in the
@@ -347,8 +371,11 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
-        """``x`` ``[B, L, dim]``, ``e`` ``[B, dim]`` -> ``[B, L, 64]`` float32."""
-        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        """``x`` ``[B, L, dim]``, ``e`` ``[B, dim]`` (or ``[B, L, dim]`` per token) -> ``[B, L, 64]`` float32."""
+        if e.dim() == 2:
+            shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        else:   # per-token timesteps (Wan 2.2 TI2V): [1, 1, 2, dim] + [B, L, 1, dim]
+            shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unbind(2)
         return self.head(_modulate(x.float(), shift, scale, self.eps))
 
 
@@ -367,6 +394,7 @@ class WanDiT(nn.Module):
     """
 
     precision: ClassVar[PrecisionPolicy] = PRECISION
+    checkpoint_report: LoadReport | None   # what the loader read (None when built directly)
 
     def __init__(self, cfg: DiTConfig, *, compute_dtype: torch.dtype | None = None,
                  attention_backend: str = "sdpa") -> None:
@@ -380,6 +408,7 @@ class WanDiT(nn.Module):
         self.cfg = cfg
         self.compute_dtype = compute_dtype
         self.attention_backend = attention_backend
+        self.checkpoint_report = None
         self.rope_dtype = ROPE_DTYPE  # settable, e.g. float64 to reproduce the official rounding
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -396,8 +425,11 @@ class WanDiT(nn.Module):
     # -- precision -----------------------------------------------------------------
 
     def resolved_compute_dtype(self) -> torch.dtype:
-        """``compute_dtype`` or, when None, the dtype the Linear weights are stored in."""
-        return self.precision.compute_dtype(self.compute_dtype, self.text_embedding[0].weight)
+        """``compute_dtype`` or, when None, the dtype the Linear weights are stored in (a GGUF
+        DiT, whose blocks are quantized: bf16 on CUDA, float32 elsewhere). The text embedding
+        gives the device: it stays on the compute device while block swap moves the blocks."""
+        blocks = (self.blocks[0].self_attn.q.weight,) if len(self.blocks) else ()
+        return self.precision.compute_dtype(self.compute_dtype, self.text_embedding[0].weight, *blocks)
 
     def cast_storage(self, dtype: torch.dtype) -> WanDiT:
         """Store parameters in ``dtype`` except those of ``FP32_PARAMS`` (kept float32).
@@ -429,7 +461,9 @@ class WanDiT(nn.Module):
 
         # 2. time, float32 from a float64 sinusoid
         e = self.time_embedding(sinusoidal_embedding(t.reshape(-1).to(x.device), cfg.freq_dim))
-        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
+        if t.dim() == 2 and t.shape[1] > 1:   # per-token [B, L] (Wan 2.2 TI2V): e [B, L, dim], e0 [B, L, 6, dim]
+            e = e.unflatten(0, tuple(t.shape))
+        e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim))
 
         # 3. text, zero-padded to text_len and attended without a mask (official behaviour)
         pad = cfg.text_len - context.shape[1]
@@ -445,8 +479,12 @@ class WanDiT(nn.Module):
 
     def finish(self, x: Tensor, inputs: BlockInputs) -> Tensor:
         """Step 6: tokens ``[B, L, dim]`` -> velocity ``[B, out_dim, F, H, W]`` float32."""
-        out = self.head(x, inputs.e)
-        f, h, w = inputs.grid
+        return self.unpatchify(self.head(x, inputs.e), inputs.grid)
+
+    def unpatchify(self, out: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """Head output ``[B, L, prod(patch)*out_dim]`` (per token, so sequence parallelism runs the
+        head on its chunk and gathers this) -> velocity ``[B, out_dim, F, H, W]`` float32."""
+        f, h, w = grid
         pt, ph, pw = self.cfg.patch_size
         # tokens in (f, h, w) order; the 64 features of a token are (pt, ph, pw, c), c fastest
         return rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
@@ -490,8 +528,13 @@ class WanDiT(nn.Module):
         for n, p, axis in zip(x.shape[2:], cfg.patch_size, "FHW"):
             if n % p:
                 raise ValueError(f"latent {axis}={n} is not a multiple of the patch size {p}")
-        if t.numel() not in (1, x.shape[0]):
-            raise ValueError(f"t must hold 1 or B={x.shape[0]} timesteps, got shape {tuple(t.shape)}")
+        tokens = math.prod(n // p for n, p in zip(x.shape[2:], cfg.patch_size))
+        per_token = t.dim() == 2 and t.shape[1] > 1
+        if per_token and t.shape != (x.shape[0], tokens):
+            raise ValueError(f"per-token timesteps must be [B, {tokens}] (one per patch token), got {tuple(t.shape)}")
+        if t.numel() not in (1, x.shape[0]) and not per_token:
+            raise ValueError(f"t must hold 1 or B={x.shape[0]} timesteps, or [B, L] per-token ones; "
+                             f"got shape {tuple(t.shape)}")
         if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.text_dim:
             raise ValueError(f"context must be [B={x.shape[0]}, L, {cfg.text_dim}] text embeddings, "
                              f"got {tuple(context.shape)}")

@@ -78,12 +78,16 @@ def join_videos(source: Tensor, continuation: Tensor, overlap: int) -> Tensor:
 
 
 @torch.no_grad()
-def extension_inputs(dit, vae, video: Tensor, frames: int, overlap: int, clip_vision=None):
+def extension_inputs(dit, vae, video: Tensor, frames: int, overlap: int, clip_vision=None, *,
+                     vae_tile: int | str | None = None):
     """What sampling a continuation needs: ``(known_latents, image_embeds or None, latent shape)``.
 
     Encodes the last ``overlap`` frames of ``video`` ``[T, H, W, 3]`` (0..1) with ``vae``
     (normalised latents ``[16, K, H/8, W/8]``) and, for I2V models, the I2V conditioning of the
     last frame (``clip_vision`` needed). Checks the overlap first (:func:`check_overlap`).
+    ``vae_tile``: both encodes tiled in space with this tile (latent px; the image-encode
+    stage's :class:`~wan_core.run_plan.EncodeTiling` ``.tile``), "auto"
+    (:func:`~wan_core.vae_tiling.encode_tiled`'s rule), or None: untiled.
     """
     from .conditioning import encode_image_conditioning, image_to_tensor, latent_shape
     from .pipeline import video_to_tensor
@@ -91,13 +95,20 @@ def extension_inputs(dit, vae, video: Tensor, frames: int, overlap: int, clip_vi
     check_overlap(overlap, video.shape[0], frames)
     height, width = int(video.shape[1]), int(video.shape[2])
     shape = latent_shape(width, height, frames)
-    known = vae.encode(video_to_tensor(video[-overlap:]))[0].float().cpu()
+    source = video_to_tensor(video[-overlap:])
+    if vae_tile is None:
+        known = vae.encode(source)[0].float().cpu()
+    else:
+        from .vae_tiling import encode_tiled
+
+        known = encode_tiled(vae, source, tile=vae_tile)[0].float().cpu()
     image = None
     if dit.cfg.has_image_input:
         if clip_vision is None:
             raise ValueError(f"{dit.cfg.variant} is an image-to-video model: extending needs CLIP vision for the "
                              "source's last frame.")
-        image = encode_image_conditioning(vae, clip_vision, image_to_tensor(video[-1]), frames, width, height)
+        image = encode_image_conditioning(vae, clip_vision, image_to_tensor(video[-1]), frames, width, height,
+                                          vae_tile=vae_tile)
     return known, image, shape
 
 

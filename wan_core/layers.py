@@ -106,11 +106,19 @@ class PrecisionPolicy:
             p.data = p.data.to(self.storage_dtype(name, dtype))
 
     @staticmethod
-    def compute_dtype(requested: torch.dtype | None, weight: Tensor) -> torch.dtype:
+    def compute_dtype(requested: torch.dtype | None, weight: Tensor, *blocks: Tensor) -> torch.dtype:
         """The dtype a network computes in: ``requested`` or, when None, the storage dtype of
-        its Linear ``weight`` (for fp8 storage: bf16 on CUDA, float32 elsewhere)."""
+        its Linear ``weight``; for storage-only formats, bf16 on CUDA and float32 elsewhere
+        (on ``weight``'s device: pass one that stays on the compute device under block swap).
+
+        Storage-only: fp8 ``weight``, or GGML blocks (uint8, :mod:`wan_core.quant`) in
+        ``weight`` or in any of ``blocks`` (Linear weights of the network's blocks). A GGUF file
+        quantizes the blocks but keeps small layers such as the DiT's text embedding in F16,
+        which must not make the whole network compute in fp16 (it overflows in Wan's
+        attention / FFN, and CPU fp16 matmul is slow).
+        """
         if requested is not None:
             return requested
-        if weight.dtype in COMPUTE_DTYPES:
+        if weight.dtype in COMPUTE_DTYPES and all(b.dtype != torch.uint8 for b in blocks):
             return weight.dtype
         return torch.bfloat16 if weight.device.type == "cuda" else torch.float32

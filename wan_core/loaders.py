@@ -22,6 +22,7 @@ from .text_encoder import UMT5Encoder, encode_text
 from .tokenizer import UMT5Tokenizer
 from .vace import WanVaceDiT
 from .vae import WanVAE
+from .vae22 import VAE22Config, WanVAE22
 
 __all__ = ["load_dit", "load_vae", "load_text_encoder", "load_clip_vision", "TextEncoder"]
 
@@ -63,12 +64,19 @@ def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.dev
     return model
 
 
-def load_vae(path: PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> WanVAE:
-    """Wan 2.1 VAE (official .pth/.safetensors or diffusers) -> :class:`wan_core.vae.WanVAE`.
+def load_vae(path: PathLike, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> WanVAE | WanVAE22:
+    """Wan 2.1 VAE (official .pth/.safetensors or diffusers) -> :class:`wan_core.vae.WanVAE`;
+    the Wan 2.2 VAE (TI2V-5B; official, ComfyUI or diffusers) -> :class:`wan_core.vae22.WanVAE22`,
+    decided by the tensors. Both have the same methods; ``vae.config.z_dim`` (16 / 48) and
+    ``vae_strides(vae)`` tell them apart.
 
     The official pipeline runs the VAE in float32, the default here.
     """
-    model, _ = load_module(path, "vae", WanVAE, dtype=dtype, device=device)
+    def build(cfg) -> WanVAE | WanVAE22:
+        return WanVAE22(cfg) if isinstance(cfg, VAE22Config) else WanVAE(cfg)
+
+    model, _ = load_module(path, "vae", build, dtype=dtype, device=device)
     return model
 
 

@@ -50,6 +50,14 @@ bit temporaries are float32-sized too). Checking reads one pair at a time (rank 
 10 MB). "unmerged" rewrites only the few non-Linear parameters (norms, modulation, patch
 embedding) its files have deltas for; its hooks hold the LoRA tensors on the device (a
 rank-64 LoRA on the 400 Linears of 14B: 307 M values, 613 MB in bf16).
+
+A caller about to drop the model on failure (a loader merging LoRAs into a model it has just
+read) does not need those originals: ``apply_loras(..., rollback=False)`` merges keeping
+none (each replaced tensor is freed as soon as its parameter is rewritten), so the merge
+needs no extra host memory beyond the one parameter worked on. Every file is still checked
+completely before the first change; a failure after that leaves the model partly merged,
+and the :class:`LoraError` says to discard it. "unmerged" keeps its few originals either
+way (:meth:`LoraReport.remove` needs them).
 """
 from __future__ import annotations
 
@@ -127,14 +135,19 @@ class _UndoLog:
     interrupt between the two still rolls back correctly.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True) -> None:
         self._entries: list[tuple[Tensor, Tensor, bool]] = []   # (parameter, original, copied)
+        self.keep = keep            # False: record nothing (rollback=False), only count
+        self.writes = 0
 
     def write(self, p: Tensor, new: Tensor) -> None:
         """``p.data = new`` (same shape, dtype and device as before)."""
         old = p.data
-        copied = old.device.type != "cpu"
-        self._entries.append((p, old.to("cpu", copy=True) if copied else old, copied))
+        if self.keep:
+            copied = old.device.type != "cpu"
+            self._entries.append((p, old.to("cpu", copy=True) if copied else old, copied))
+        self.writes += 1
+        del old
         p.data = new
 
     def rollback(self) -> None:
@@ -257,7 +270,7 @@ def _build_hooks(model: nn.Module, files: list[TensorFile], by_target: dict[str,
 
 
 def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge",
-                strict: bool = False, fp8_rounding: str = "nearest") -> LoraReport:
+                strict: bool = False, fp8_rounding: str = "nearest", *, rollback: bool = True) -> LoraReport:
     """Apply LoRA files (in order; their deltas add up) to ``model`` (official parameter names).
 
     All or nothing (module docstring): every file is checked completely first, the same way
@@ -273,6 +286,12 @@ def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge"
         fp8_rounding: how merged fp8 weights are re-quantised: "nearest" (default, lower rms
             error) or "stochastic" (unbiased, seeded per parameter name so results repeat);
             figures in the module docstring.
+        rollback: keep the original of every rewritten parameter until the merge is done, so a
+            failure leaves the model as it was (default). False ("merge" only; "unmerged" keeps
+            them anyway): keep none, saving the storage of every merged weight (14 GB for 14B
+            fp8), for a caller that discards the model on failure; the files are still checked
+            completely before the first change, and a later failure says the model is partly
+            merged.
 
     Returns:
         :class:`LoraReport`; unmatched keys are also logged as one warning per file.
@@ -286,7 +305,7 @@ def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge"
     if fp8_rounding not in ("stochastic", "nearest"):
         raise ValueError(f"fp8_rounding must be 'stochastic' or 'nearest', got {fp8_rounding!r}")
     plan = Plan()
-    undo = _UndoLog()
+    undo = _UndoLog(keep=rollback or mode == "unmerged")
     hooks: dict[str, _LoraHook] = {}
     handles: list = []
     current: list[Patch] = []
@@ -310,12 +329,15 @@ def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge"
         for owner_name, hook in hooks.items():
             _unhook(model.get_submodule(owner_name), hook)
         undo.rollback()
-        if isinstance(exc, LoraError) or not isinstance(exc, Exception):
+        partly = not undo.keep and undo.writes > 0     # rollback=False after the first change
+        if not isinstance(exc, Exception) or (isinstance(exc, LoraError) and not partly):
             raise
         where = (f"{plan.files[current[0].file].path.name}: applying LoRA key '{current[0].keys[-1]}' to "
                  f"{current[0].target}" if current else "applying LoRAs")
-        raise LoraError(f"{where} failed ({type(exc).__name__}: {exc}); every change was undone, the model "
-                        "is as before.") from exc
+        state = ("the model is partly merged (rollback=False): discard it and load it again" if partly
+                 else "every change was undone, the model is as before")
+        cause = str(exc) if isinstance(exc, LoraError) else f"{type(exc).__name__}: {exc}"
+        raise LoraError(f"{where} failed ({cause}); {state}.") from exc
     finally:
         for tf in plan.files:
             tf.close()

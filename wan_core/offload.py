@@ -189,6 +189,11 @@ class BlockSwap:
         self._other_bytes = 0
         if not isinstance(model, nn.ModuleList):
             in_blocks = {id(p) for p in blocks.parameters()}
+            vace = getattr(model, "vace_blocks", None)
+            if vace is not None and k < len(blocks):
+                # VACE: while blocks stream, its control blocks stay on their masters too; the
+                # model runs each on the device for its call (wan_core.vace.VaceStream, on_device)
+                in_blocks |= {id(p) for p in vace.parameters()}
             rest = [p for p in model.parameters() if id(p) not in in_blocks]
             self._other_bytes = sum(p.numel() * p.element_size() for p in rest)
             self._resident.append(_copy_params(rest, dev, force=False))

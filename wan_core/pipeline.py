@@ -28,7 +28,8 @@ from .fp8 import is_fp8
 from .guidance import GuidanceOptions, guide
 from .limits import (MAX_FRAMES, MAX_SIZE, check_cfg, check_denoise, check_run_arguments, check_sampler, check_seed,
                      check_shift, check_steps)
-from .run_plan import Job, RunOptions, prepare_run
+from .moe import MoESampling
+from .run_plan import Job, RunOptions, prepare_run, text_encoder_stage
 from .runner import DiTRunner
 from .schedulers import flow_schedule, get_sampler, noise_latent
 from .text_cache import PromptCache
@@ -122,7 +123,8 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
            callback: Callable[[StepInfo], None] | None = None,
            interrupt: Callable[[], None] | None = None, runner: DiTRunner | None = None,
            guidance: GuidanceOptions | None = None, context: ContextOptions | None = None,
-           known_latents: Tensor | None = None, cfg_parallel=None, vace: VaceEmbeds | None = None) -> Tensor:
+           known_latents: Tensor | None = None, cfg_parallel=None, vace: VaceEmbeds | None = None,
+           moe: MoESampling | None = None) -> Tensor:
     """Sample normalised latents ``[16, T', H/8, W/8]`` float32 on the CPU.
 
     shape: latent shape for T2V (``latent_shape(w, h, frames)``); taken from ``image`` for
@@ -140,7 +142,9 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
     process evaluates one CFG branch and receives the other from its partner process.
     vace: a VACE model's context (:class:`~wan_core.vace_conditioning.VaceEmbeds`, with its
     strength and step range); the shape follows it and its reference frames are cut from the
-    returned latents.
+    returned latents. moe: a Wan 2.2 A14B run (:class:`~wan_core.moe.MoESampling`): ``dit`` is
+    the high-noise expert, ``moe.low_noise`` the low-noise one; each step runs the expert and
+    guidance scale of its timestep (``settings.cfg`` is not used).
     """
     cfg = dit.cfg
     if vace is not None:
@@ -157,6 +161,8 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
     runner = runner if runner is not None else DiTRunner(dit)
     if runner.dit is not dit:
         raise ValueError("the runner wraps another model than the one given to sample()")
+    if moe is not None:   # Wan 2.2 A14B: the runner forwards each step to its expert
+        runner = moe.runner(runner)
     device = _model_device(dit)
     schedule = flow_schedule(settings.steps, settings.shift, settings.sampler, settings.denoise)
     noise = make_noise(settings.seed, shape)
@@ -164,7 +170,8 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
     windowed = context is not None and context.active(shape[1])
     if windowed and context.freenoise:
         noise = freenoise(noise, context.latent_length, context.latent_overlap, settings.seed)
-    for line in (context.describe(shape[1]) if windowed else "", guidance.describe()):
+    for line in (context.describe(shape[1]) if windowed else "", guidance.describe(),
+                 moe.options.describe(schedule.timesteps) if moe is not None else ""):
         if line:
             logging.getLogger("wan_core").info("wan_core plan: sampling: %s", line)
     if init_latents is not None:
@@ -179,14 +186,15 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
     neg = text.negative.to(device)[None]
     y = clip = None
     if image is not None:
-        y, clip = image.y.to(device)[None], image.clip_fea.to(device)[None]
+        y = image.y.to(device)[None]
+        clip = image.clip_fea.to(device)[None] if image.clip_fea is not None else None   # None: I2V-A14B
     if vace is not None:   # the VACE context rides as y: context windows slice it with the latents
         y = vace.latents.to(device)[None]
     total = schedule.steps
     step = {"i": 0}
     runner.begin_run(total)
     evaluate = branch_evaluator(runner if vace is None else vace_model_call(runner, vace), clip, y, shape[1],
-                                guidance, context)
+                                guidance, context, interrupt)
 
     def check(guided: Tensor, cond: Tensor, uncond: Tensor | None, scale: float) -> Tensor:
         # one pass over the guided prediction (what the solver uses); the branches are looked
@@ -208,7 +216,7 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
         runner.begin_step(i)   # every solver here evaluates the model once per step
         if i < guidance.zero_init_steps:   # CFG-Zero* zero-init: x0 estimate = x on these steps
             return torch.zeros_like(xt)
-        scale = guidance.cfg_at(i, settings.cfg)
+        scale = guidance.cfg_at(i, settings.cfg if moe is None else moe.options.cfg_for(timestep))
         if cfg_parallel is not None and scale != 1.0:   # the two branches on two process groups at once
             cond, uncond = cfg_parallel.pair(lambda: evaluate(xt, t, pos, "cond", i),
                                              lambda: evaluate(xt, t, neg, "uncond", i, guidance.skip_blocks_at(i, total)))
@@ -256,6 +264,7 @@ def _check_finite_inputs(text: TextEmbeds, image: ImageEmbeds | None, init_laten
     if image is not None:
         inputs += [(image.y, "the image conditioning (mask + VAE latents)", "the VAE encode or the start image"),
                    (image.clip_fea, "the CLIP vision features", "the CLIP vision model or the start image")]
+        inputs = [i for i in inputs if i[0] is not None]   # Wan 2.2 I2V-A14B has no CLIP features
     if init_latents is not None:
         inputs.append((init_latents, "the input latents (video-to-video)", "the VAE encode or the loaded LATENT"))
     for tensor, what, source in inputs:
@@ -286,6 +295,19 @@ def _load(kind: str, value, device, dtype=None):
 
 
 _STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _dit_header(value, options: RunOptions, device: torch.device):
+    """A DiT path's :class:`~wan_core.layouts.Detected` (header only, no weight read); None for a
+    loaded model. A file of another kind is refused by the DiT loader, naming the right one."""
+    from .checkpoint import inspect_checkpoint
+
+    if not isinstance(value, (str, os.PathLike)):
+        return None
+    det = inspect_checkpoint(value)
+    if det.kind != "dit":
+        _load_dit(value, options, device)   # raises before reading any weight
+    return det
 
 
 def _load_dit(value, options: RunOptions, device: torch.device):
@@ -355,24 +377,27 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
                         sampler=sampler, seed=seed, denoise=denoise)
     options = options if options is not None else RunOptions()
     offload = torch.device("cpu")   # where every model rests between its stages
-    dit = _load_dit(dit, options, offload)
-    kind = dit.cfg.model_type
+    # a DiT given as a path is read after the text encoder has run and gone (see below): its
+    # config comes from the file's header for the checks and defaults
+    dit_det = _dit_header(dit, options, offload)
+    dit_cfg = dit.cfg if dit_det is None else dit_det.config
+    kind = dit_cfg.model_type
     if extend is not None:
         if video is not None:
             raise ValueError("extend (continue a video) and video (video-to-video) cannot be combined.")
         check_overlap(extend_overlap, extend.shape[0], frames)
-        image = extend[-1] if dit.cfg.has_image_input and image is None else image   # I2V: from the last frame
+        image = extend[-1] if dit_cfg.has_image_input and image is None else image   # I2V: from the last frame
         if (width, height) not in ((None, None), (extend.shape[2], extend.shape[1])):
             raise ValueError(f"extend: the video is {extend.shape[2]}x{extend.shape[1]}, but {width}x{height} was "
                              "asked; a continuation has the source's size (leave width/height unset).")
         width, height = extend.shape[2], extend.shape[1]
-    check_conditioning(dit.cfg, image is not None, end_image=end_image is not None)
+    check_conditioning(dit_cfg, image is not None, end_image=end_image is not None)
     img = image_to_tensor(image) if image is not None else None
     if video is not None:
         frames, height, width = video.shape[0], video.shape[1], video.shape[2]
     vace_inputs = control_video is not None or control_mask is not None or len(reference_images) > 0
-    if vace_inputs and not dit.cfg.vace_layers:
-        raise ValueError(f"control_video / control_mask / reference_images need a VACE model; {dit.cfg.variant} "
+    if vace_inputs and not dit_cfg.vace_layers:
+        raise ValueError(f"control_video / control_mask / reference_images need a VACE model; {dit_cfg.variant} "
                          "is not one (load Wan2.1-VACE-1.3B or -14B).")
     if control_video is not None and width is None and height is None:   # VACE: the control video's size
         frames, height, width = control_video.shape[0], control_video.shape[1], control_video.shape[2]
@@ -388,28 +413,41 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
     prompts = [prompt, negative_prompt or default_neg]
     # guidance / context: as in sample(); with context windows the DiT's memory plan is one window's
     plan_frames = frames if context is None or not context.active(latent_frames(frames)) else context.context_frames
-    # the VAE and CLIP are loaded (resting on the CPU) before the plan, so it sizes their stages
-    # too and refuses a budget too small for them before any model runs
-    vae = _load("vae", vae, offload)
-    clip = None
-    if img is not None:
-        clip = _load("clip", clip_vision, offload)
-        if clip is None:
-            raise ValueError("image-to-video needs clip_vision (CLIP ViT-H/14).")
-    encodes = img is not None or video is not None or extend is not None or bool(dit.cfg.vace_layers)
-    job = Job(width, height, frames, settings.steps, encode_video=encodes)   # what is encoded and decoded
-    with prepare_run(dit, dataclasses.replace(job, frames=plan_frames), options, device, offload, vae=vae,
-                     clip_vision=clip) as plan:
+    if img is not None and clip_vision is None:
+        raise ValueError("image-to-video needs clip_vision (CLIP ViT-H/14).")
+
+    def encode_prompts(stage) -> TextEmbeds:
         def encode(missing: list[str]) -> list[Tensor]:
             te = _load("t5", text_encoder, offload)
-            with plan.text_encoder(te):
+            with stage(te):
                 return te.encode(list(missing))
 
         if prompt_cache is None:
             pos, neg = encode(prompts)
         else:  # the encoder is loaded (from a path) only when a prompt is missing
             pos, neg = prompt_cache.encode(prompt_cache.identity(text_encoder), prompts, encode)
-        text = TextEmbeds(pos.float().cpu(), neg.float().cpu())
+        return TextEmbeds(pos.float().cpu(), neg.float().cpu())
+
+    text = None
+    if dit_det is not None:
+        # RAM: umT5 (11 GB bf16) is loaded, run and dropped before the DiT (14 GB fp8 for 14B) is
+        # read, so the two never rest in memory together. A budget the DiT cannot fit is still
+        # refused before any model runs (from the header, as the CLI does).
+        from .cli_checks import check_plan   # the header-only budget check the CLI makes before loading
+
+        check_plan(dit_det, options, width, height, plan_frames, options.attention, str(torch.device(device)))
+        text = encode_prompts(lambda te: text_encoder_stage(te, options, device))
+        dit = _load_dit(dit, options, offload)
+    # the VAE and CLIP are loaded (resting on the CPU) before the plan, so it sizes their stages
+    # too and refuses a budget too small for them before any model runs
+    vae = _load("vae", vae, offload)
+    clip = _load("clip", clip_vision, offload) if img is not None else None
+    encodes = img is not None or video is not None or extend is not None or bool(dit_cfg.vace_layers)
+    job = Job(width, height, frames, settings.steps, encode_video=encodes)   # what is encoded and decoded
+    with prepare_run(dit, dataclasses.replace(job, frames=plan_frames), options, device, offload, vae=vae,
+                     clip_vision=clip) as plan:
+        if text is None:
+            text = encode_prompts(plan.text_encoder)
         image_embeds = init = None
         if img is not None:
             end = image_to_tensor(end_image) if end_image is not None else None
@@ -420,7 +458,7 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
             with plan.image_encode(vae, what="VAE (input video)", job=job) as tiles:
                 init = encode_tiled(vae, video_to_tensor(video), **tiles.kwargs())[0].float().cpu()
         vace_embeds = None
-        if dit.cfg.vace_layers:
+        if dit_cfg.vace_layers:
             with plan.image_encode(vae, what="VAE (VACE context)", job=job) as tiles:
                 vace_embeds = encode_vace(vae, width, height, frames, control_video=control_video,
                                           control_mask=control_mask, reference_images=reference_images,

@@ -105,6 +105,9 @@ class DiTSizes:
     in_dim: int = 16               # latent channels in (16 T2V, 36 I2V/FLF2V: + mask and image latents)
     out_dim: int = 16
     head_dim: int = 128
+    vace: bool = False             # a VACE DiT: its control stream adds activations (wan_core.vace)
+    swap_streamed_bytes: int = 0   # part of other_bytes off the device while blocks stream (VACE
+                                   # blocks but the largest: block swap runs them one at a time)
 
     @property
     def num_blocks(self) -> int:
@@ -143,6 +146,7 @@ def dit_sizes(cfg, storage: str = "bf16", compute: str = "bf16") -> DiTSizes:
         model = WanVaceDiT(cfg) if getattr(cfg, "vace_layers", ()) else WanDiT(cfg)
     linear_w = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, CastLinear)}
     per_block = [0] * cfg.num_layers
+    per_vace = [0] * len(getattr(cfg, "vace_layers", ()))
     other = 0
     largest = 0
     for name, p in model.named_parameters():
@@ -158,10 +162,13 @@ def dit_sizes(cfg, storage: str = "bf16", compute: str = "bf16") -> DiTSizes:
                 largest = max(largest, p.numel())
         else:
             other += size
+            if name.startswith("vace_blocks."):
+                per_vace[int(name.split(".")[1])] += size
     return DiTSizes(name=f"{cfg.variant} {storage}", block_bytes=tuple(per_block), other_bytes=other, dim=cfg.dim,
                     ffn_dim=cfg.ffn_dim, num_heads=cfg.num_heads, largest_linear=largest,
                     upcast=is_fp8 or nbytes != _storage_bytes(compute), in_dim=cfg.in_dim, out_dim=cfg.out_dim,
-                    head_dim=cfg.head_dim)
+                    head_dim=cfg.head_dim, vace=bool(per_vace),
+                    swap_streamed_bytes=sum(per_vace) - max(per_vace, default=0))
 
 
 def dit_sizes_from_module(dit, compute_bytes: int = 2) -> DiTSizes:
@@ -172,13 +179,15 @@ def dit_sizes_from_module(dit, compute_bytes: int = 2) -> DiTSizes:
     from .offload import module_bytes
 
     blocks = tuple(module_bytes(b) for b in dit.blocks)
+    vace = [module_bytes(b) for b in getattr(dit, "vace_blocks", ())]
     largest = max((m.in_features * m.out_features for b in dit.blocks for m in b.modules()
                    if isinstance(m, nn.Linear)), default=0)
     w = dit.blocks[0].self_attn.q.weight
     return DiTSizes(name=dit.cfg.variant, block_bytes=blocks, other_bytes=module_bytes(dit) - sum(blocks),
                     dim=dit.cfg.dim, ffn_dim=dit.cfg.ffn_dim, num_heads=dit.cfg.num_heads, largest_linear=largest,
                     upcast=w.element_size() != compute_bytes, in_dim=dit.cfg.in_dim, out_dim=dit.cfg.out_dim,
-                    head_dim=dit.cfg.head_dim)
+                    head_dim=dit.cfg.head_dim, vace=bool(vace),
+                    swap_streamed_bytes=sum(vace) - max(vace, default=0))
 
 
 def module_param_bytes(module_cls, cfg, bytes_per_param: float) -> int:
@@ -203,6 +212,8 @@ def dit_activation_bytes(dit: DiTSizes, tokens: int, attention: str = "sdpa", co
     d, f, h, c, n = dit.dim, dit.ffn_dim, dit.num_heads, compute_bytes, tokens
     latent = 4 * dit.head_dim + 16 * (2 * dit.out_dim + dit.in_dim - dit.out_dim)
     per_token = max(20 * d + 2 * c * d, 12 * d + c * d + 2 * c * f) + 4 * h + latent
+    if dit.vace:   # VACE: the control stream c (float32) and one hint (compute dtype) live beside x
+        per_token += 4 * d + c * d + 16 * 96
     attn = 0 if attention in BACKENDS else h * n * n * (c + 4)   # every backend but "math" is memory-efficient
     upcast = dit.largest_linear * (4 + c) if dit.upcast else 0
     return n * per_token + attn + upcast + context_tokens * 4 * c * d + DIT_STEP_FIXED
@@ -389,8 +400,11 @@ def plan_memory(budget: int, dit: DiTSizes, tokens: int, *, attention: str = "sd
     n = len(blocks)
     room = budget - reserve
 
+    def other_at(k: int) -> int:   # a VACE model's control blocks stream with the blocks (K < N)
+        return dit.other_bytes - (dit.swap_streamed_bytes if k < n else 0)
+
     def dit_need(k: int) -> int:
-        return dit.other_bytes + sum(blocks[:k]) + (_streaming(blocks, k) if k < n else 0) + act
+        return other_at(k) + sum(blocks[:k]) + (_streaming(blocks, k) if k < n else 0) + act
 
     # VAE and CLIP stages (only with a latent frame to size them)
     latent_frames = 0
@@ -402,13 +416,13 @@ def plan_memory(budget: int, dit: DiTSizes, tokens: int, *, attention: str = "sd
     tile, encode_tile, clip_stage, min_vae = vae.decode_tile, vae.encode_tile, vae.clip_stage, vae.minimum
     vae_peak, vae_encode_peak = vae.decode_peak, vae.encode_peak
 
-    min_dit = dit_need(0) if n else dit.other_bytes + act
+    min_dit = dit_need(0) if n else other_at(0) + act
     minimum = max(min_dit, min_vae) + reserve
     if budget < minimum:
         g = GiB
         raise PlanError(
             f"a budget of {budget / g:.2f} GiB cannot run {dit.name} at {tokens} tokens: the minimum is "
-            f"{minimum / g:.2f} GiB (non-block weights {dit.other_bytes / g:.2f} + two streamed blocks "
+            f"{minimum / g:.2f} GiB (non-block weights {other_at(0) / g:.2f} + two streamed blocks "
             f"{_streaming(blocks, 0) / g:.2f} + activations {act / g:.2f} ({attention}) + reserve {reserve / g:.2f}"
             f"{f'; VAE with the smallest tile {(min_vae + reserve) / g:.2f}' if min_vae > min_dit else ''}). "
             "Lower the resolution or frame count, store the weights in fp8, or free GPU memory.")
@@ -419,7 +433,7 @@ def plan_memory(budget: int, dit: DiTSizes, tokens: int, *, attention: str = "sd
                         vae_encode=vae_encode_peak, dit_step=dit_need(k), vae_decode=vae_peak)
     return MemoryPlan(budget=budget, resident_blocks=k, num_blocks=n, text_encoder_on_cpu=te_on_cpu,
                       vae_tile=tile, tokens=tokens, attention=attention, block_bytes=max(blocks, default=0),
-                      other_bytes=dit.other_bytes, streaming_bytes=_streaming(blocks, k) if k < n else 0,
+                      other_bytes=other_at(k), streaming_bytes=_streaming(blocks, k) if k < n else 0,
                       activation_bytes=act, reserve_bytes=reserve, text_encoder_bytes=text_encoder_bytes,
                       vae_peak_bytes=vae_peak, vae_encode_tile=encode_tile, stages=stages)
 

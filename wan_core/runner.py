@@ -17,6 +17,12 @@ Contract: an executor never modifies ``tokens`` in place (a step cache computes 
 ``out - tokens`` from the same tensor), passes over the blocks whose index is in
 ``inputs.skip_blocks`` (Skip Layer Guidance), and a sampler evaluates each branch once per step.
 
+Step-invariant work: the text (and CLIP image) context of a guidance branch does not change
+across the steps of a run, so each block's cross-attention K/V are computed on the branch's
+first call and reused (:class:`ContextKVCache`, bit-identical, cleared by ``begin_run``; on by
+default when the blocks run on the CPU, opt-in on a GPU until the memory plan counts
+:func:`context_kv_bytes`).
+
 Per-call options: ``rope`` (:class:`~wan_core.dit.RopeOptions`: positions of a context window,
 RIFLEx) and ``skip_blocks``. A call that skips blocks bypasses the step cache (its residual
 is not the branch's usual one, so it is neither reused nor stored).
@@ -24,15 +30,17 @@ is not the branch's usual one, so it is neither reused nor stored).
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Protocol
 
+import torch
 from torch import Tensor, nn
 
 from .configs import DiTConfig
 from .dit import BlockInputs, RopeOptions, WanDiT
 
-__all__ = ["BlockExecutor", "StepCache", "InPlaceBlocks", "DiTRunner"]
+__all__ = ["BlockExecutor", "StepCache", "InPlaceBlocks", "DiTRunner", "ContextKVCache", "context_kv_bytes"]
 
 
 class BlockExecutor(Protocol):
@@ -66,6 +74,75 @@ class InPlaceBlocks:
         return tokens
 
 
+def context_kv_bytes(cfg: DiTConfig, batch: int, dtype: torch.dtype, branches: int = 2,
+                     image_tokens: int | None = None) -> int:
+    """Bytes :class:`ContextKVCache` holds for ``branches`` guidance branches: per branch and block,
+    K and V ``[batch, text_len + image_tokens, dim]`` in the compute ``dtype``. ``image_tokens``
+    defaults to 257 (i2v) / ``image_pos_len`` (flf2v) / 0 (t2v). 14B t2v, bf16, B=1, 2 branches:
+    40 * 2 * 512 * 5120 * 2 * 2 = 0.84 GB."""
+    if image_tokens is None:
+        image_tokens = 0 if not cfg.has_image_input else (cfg.image_pos_len if cfg.model_type == "flf2v" else 257)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return branches * cfg.num_layers * 2 * batch * (cfg.text_len + image_tokens) * cfg.dim * itemsize
+
+
+class ContextKVCache:
+    """Cross-attention K/V of every block, per guidance branch, for one run.
+
+    An entry belongs to a branch's base name ("cond", "uncond"; a context window's ``/w<i>``
+    suffix shares its branch's entry) and remembers the raw ``context`` / ``clip_fea`` it was
+    built from: a call whose inputs differ (another prompt, edited in place) replaces the
+    entry, so the cache never changes a number. At most ``max_branches`` entries (least
+    recently used dropped): memory is bounded by ``max_branches`` x :func:`context_kv_bytes`
+    for one branch.
+    """
+
+    def __init__(self, max_branches: int = 4) -> None:
+        self.max_branches = max_branches
+        self._entries: OrderedDict[str, tuple[tuple, dict]] = OrderedDict()
+
+    @staticmethod
+    def _key(t: Tensor | None) -> tuple:
+        # inference tensors (ComfyUI runs nodes under inference_mode) have no version counter
+        version = None if t is None or t.is_inference() else t._version
+        return () if t is None else (t, version, t.shape, t.dtype, t.device)
+
+    @staticmethod
+    def _same(a: tuple, b: tuple) -> bool:
+        if len(a) != len(b):
+            return False
+        if not a:
+            return True
+        if a[1] is not None and a[0]._version != a[1]:
+            return False  # the stored tensor was written in place since the entry was built
+        if a[0] is b[0] and a[1] is not None:
+            return True  # the same tensor, not written since (the sampler's usual case)
+        return a[2:] == b[2:] and torch.equal(a[0], b[0])
+
+    def entry(self, branch: str, context: Tensor, clip_fea: Tensor | None) -> dict:
+        """The per-block K/V dict for ``branch`` built from these inputs (empty when new)."""
+        name = branch.split("/", 1)[0]
+        keys = (self._key(context), self._key(clip_fea))
+        found = self._entries.get(name)
+        if found is not None and all(self._same(a, b) for a, b in zip(found[0], keys)):
+            self._entries.move_to_end(name)
+            return found[1]
+        self._entries.pop(name, None)
+        while len(self._entries) >= self.max_branches:
+            self._entries.popitem(last=False)
+        kv: dict = {}
+        self._entries[name] = (keys, kv)
+        return kv
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def nbytes(self) -> int:
+        """Bytes of the cached K/V tensors now held."""
+        return sum(t.numel() * t.element_size() for _, kv in self._entries.values()
+                   for entry in kv.values() for t in entry if t is not None)
+
+
 class DiTRunner:
     """Callable DiT forward with pluggable block execution and step caching.
 
@@ -73,12 +150,18 @@ class DiTRunner:
         dit: a :class:`wan_core.dit.WanDiT`.
         executor: where blocks run (default :class:`InPlaceBlocks`).
         step_cache: optional :class:`StepCache`.
+        context_cache: keep each block's cross-attention K/V per guidance branch for the run
+            (:class:`ContextKVCache`, exact); None = on when the blocks run on the CPU (host
+            memory; on a GPU it costs :func:`context_kv_bytes` of VRAM, so opt in there).
     """
 
-    def __init__(self, dit: WanDiT, executor: BlockExecutor | None = None, step_cache: StepCache | None = None) -> None:
+    def __init__(self, dit: WanDiT, executor: BlockExecutor | None = None, step_cache: StepCache | None = None,
+                 context_cache: bool | None = None) -> None:
         self.dit = dit
         self.executor = executor or InPlaceBlocks()
         self.step_cache = step_cache
+        self.context_cache = context_cache
+        self.context_kv = ContextKVCache()
         self.step = 0
         self.total_steps = 0
 
@@ -89,6 +172,7 @@ class DiTRunner:
     def begin_run(self, total_steps: int) -> None:
         """Called once before the first step of a sampling run."""
         self.step, self.total_steps = 0, total_steps
+        self.context_kv.clear()  # weights (LoRA) or prompts may differ from the last run
         if self.step_cache is not None:
             self.step_cache.begin_run(total_steps)
 
@@ -110,6 +194,9 @@ class DiTRunner:
         if vace_strength is not None:
             extra["vace_strength"] = vace_strength
         tokens, inputs = self.dit.prepare(x, t, context, clip_fea, y, **extra)
+        use_cache = self.context_cache if self.context_cache is not None else tokens.device.type == "cpu"
+        if use_cache:
+            inputs = dataclasses.replace(inputs, cross_kv=self.context_kv.entry(branch, context, clip_fea))
         skip = frozenset(int(i) for i in skip_blocks)
         if skip:
             n = len(self.dit.blocks)

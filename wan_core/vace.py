@@ -31,10 +31,14 @@ stream, so hint j is computed just before base block ``vace_layers[j]`` needs it
 and one hint) instead of all n hints the official code keeps (14B at 480p x 81: 8 x 0.67 GB
 float32). The numbers are the same in either order.
 
-Block swap (:class:`wan_core.offload.BlockSwap`): the vace blocks are not in ``blocks``, so
-they count as non-block parameters and stay resident on the compute device for the run (the
-memory planner counts them in its non-block bytes). Context windows slice ``y`` with the
-latents, so each window gets its own hints.
+Block swap (:class:`wan_core.offload.BlockSwap`): with every block resident the vace blocks
+are resident too; while blocks stream (K < N) the vace blocks stay on their masters and each
+is copied to the device for its own call (:func:`wan_core.offload.on_device`, synchronous:
+14B fp8, 8 x 0.36 GB per model call). The memory planner counts one vace block in flight then
+(``DiTSizes.swap_streamed_bytes``) and the control stream ``c`` + one hint in the
+activations: VACE-14B fp8 at 832x480x81 fits an 8 GiB budget. Context windows slice ``y``
+with the latents, so each window gets its own hints. A step cache that reuses a step skips
+the branch with the blocks (its residual includes the hints).
 
 Attachment layers are configuration, not tensors. Published files: 1.3B has 15 vace blocks
 at layers 0, 2, ..., 28 (the official default, every 2nd layer); 14B has 8 at 0, 5, ..., 35
@@ -55,6 +59,7 @@ from torch import Tensor, nn
 from .configs import DiTConfig
 from .dit import BlockInputs, RopeOptions, WanBlock, WanDiT
 from .layers import CastLinear
+from .offload import on_device
 
 __all__ = ["WanVaceDiT", "VaceBlock", "VaceAttachedBlock", "VaceStream", "VaceBlockInputs", "vace_layers_for",
            "check_strength"]
@@ -101,9 +106,10 @@ class VaceBlock(WanBlock):
         nn.init.zeros_(self.after_proj.weight)
         nn.init.zeros_(self.after_proj.bias)
 
-    def forward(self, c: Tensor, x0: Tensor, inp: BlockInputs) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(self, c: Tensor, x0: Tensor | None, inp: BlockInputs) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         cd = inp.compute_dtype
         if hasattr(self, "before_proj"):
+            assert x0 is not None, "VACE block 0 needs the video tokens"
             c = self.before_proj(c.to(cd)).float() + x0
         c = super().forward(c, inp)
         return c, self.after_proj(c.to(cd))
@@ -121,7 +127,7 @@ class VaceStream:
     def __init__(self, blocks: nn.ModuleList, c: Tensor, x0: Tensor, inputs: BlockInputs, strength: float) -> None:
         self._blocks = blocks
         self._c: Tensor | None = c
-        self._x0: Tensor | None = x0
+        self._x0: Tensor | None = x0        # read by vace block 0 only
         self._inputs = inputs
         self.strength = strength
         self._done = 0            # vace blocks run so far
@@ -133,11 +139,15 @@ class VaceStream:
             raise RuntimeError(f"VACE hint {j} asked out of order (hints 0..{self._done - 1} already made "
                                f"of {len(self._blocks)}); the DiT blocks must run in order")
         while self._done <= j:
-            assert self._c is not None and self._x0 is not None
-            self._c, self._hint = self._blocks[self._done](self._c, self._x0, self._inputs)
+            assert self._c is not None
+            block = self._blocks[self._done]
+            # no-op when the block is on the device; under block swap it is copied in for this call
+            with on_device(block, self._c.device, empty_cache=False):
+                self._c, self._hint = block(self._c, self._x0, self._inputs)
             self._done += 1
+            self._x0 = None                    # only vace block 0 reads the video tokens
         if self._done == len(self._blocks):   # the last hint: the stream is no longer needed
-            self._c = self._x0 = None
+            self._c = None
         assert self._hint is not None
         return x + self._hint * self.strength
 

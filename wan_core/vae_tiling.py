@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from .offload import meminfo_bytes
-from .vae import SPATIAL_STRIDE, TIME_STRIDE, FeatureCache, WanVAE, normalize_latents
+from .vae import FeatureCache, WanVAE
+from .vae22 import vae_normalize, vae_strides
 
 __all__ = ["DECODE_BYTES_PER_LATENT_PIXEL", "DEFAULT_OVERLAP", "ENCODE_BYTES_PER_LATENT_PIXEL", "MIN_TILE",
            "TilePlan", "auto_tile", "decode_activation_bytes", "decode_tiled", "default_budget",
@@ -281,10 +282,10 @@ def decode_tiled(vae: WanVAE, latents: Tensor, normalized: bool = True, *, tile:
 def _decode_plan(vae: WanVAE, latents: Tensor, normalized: bool, plan: TilePlan, per_chunk: int,
                  out_device: torch.device, on_progress: Progress | None, total: int) -> Tensor:
     b, _c, t, h, w = latents.shape
-    s = SPATIAL_STRIDE
+    ts, s = vae_strides(vae)   # (4, 8) Wan 2.1, (4, 16) Wan 2.2
     weights = _blend_weights(plan, s)
     # float32 accumulator: blending 16-bit tiles in 16 bits would add rounding at every seam
-    out = torch.zeros(b, 3, 4 * t - 3, h * s, w * s, device=out_device, dtype=torch.float32)
+    out = torch.zeros(b, 3, ts * (t - 1) + 1, h * s, w * s, device=out_device, dtype=torch.float32)
     done = 0
     for i, (y0, y1) in enumerate(plan.rows):
         for j, (x0, x1) in enumerate(plan.cols):
@@ -315,14 +316,14 @@ def encode_tiled(vae: WanVAE, video: Tensor, normalize: bool = True, *, tile: Ti
     each tile streamed in time (1, then ``chunk_frames`` frames) with its own cache, tiles
     blended in latent space. ``tile``/``overlap``/``budget`` in latent pixels / bytes as in
     :func:`decode_tiled`. A one-tile plan calls :meth:`WanVAE.encode` (bit-identical)."""
-    if (video.dim() != 5 or (video.shape[2] - 1) % TIME_STRIDE or video.shape[3] % SPATIAL_STRIDE
-            or video.shape[4] % SPATIAL_STRIDE):
-        raise ValueError(f"encode_tiled: video must be [B, 3, T, H, W] with T = 4n+1 and H, W multiples of 8; "
-                         f"got shape {tuple(video.shape)}")
+    ts, ss = vae_strides(vae)
+    if video.dim() != 5 or (video.shape[2] - 1) % ts or video.shape[3] % ss or video.shape[4] % ss:
+        raise ValueError(f"encode_tiled: video must be [B, 3, T, H, W] with T = {ts}n+1 and H, W multiples of "
+                         f"{ss}; got shape {tuple(video.shape)}")
     if chunk_frames < 4 or chunk_frames % 4:
         raise ValueError(f"chunk_frames must be a positive multiple of 4; got {chunk_frames}")
     _b, _c, t, hp, wp = video.shape
-    h, w = hp // SPATIAL_STRIDE, wp // SPATIAL_STRIDE
+    h, w = hp // ss, wp // ss
     out_device = torch.device(output_device) if output_device is not None else vae.device
     first = _resolve(tile, h, w, vae, budget, encode=True, min_tile=min_tile)
     bounds = [0, *range(1, t, chunk_frames), t]
@@ -344,9 +345,9 @@ def encode_tiled(vae: WanVAE, video: Tensor, normalize: bool = True, *, tile: Ti
 def _encode_plan(vae: WanVAE, video: Tensor, normalize: bool, plan: TilePlan, bounds: list[int],
                  out_device: torch.device, on_progress: Progress | None, total: int) -> Tensor:
     b, _c, t, _hp, _wp = video.shape
-    s = SPATIAL_STRIDE
+    ts, s = vae_strides(vae)
     weights = _blend_weights(plan, 1)
-    out = torch.zeros(b, vae.config.z_dim, (t - 1) // TIME_STRIDE + 1, plan.height, plan.width, device=out_device,
+    out = torch.zeros(b, vae.config.z_dim, (t - 1) // ts + 1, plan.height, plan.width, device=out_device,
                       dtype=torch.float32)
     done = 0
     for i, (y0, y1) in enumerate(plan.rows):
@@ -363,5 +364,5 @@ def _encode_plan(vae: WanVAE, video: Tensor, normalize: bool, plan: TilePlan, bo
                 if on_progress is not None:
                     on_progress(done, total)
     out = out.to(vae.dtype)
-    return normalize_latents(out) if normalize else out
+    return vae_normalize(vae, out) if normalize else out
 

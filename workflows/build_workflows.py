@@ -32,6 +32,17 @@ CORE = {
     "SaveVideo": ([("video", "VIDEO", False), ("filename_prefix", "STRING", True), ("format", "COMBO", True),
                    ("codec", "COMBO", True)], []),
     "SaveImage": ([("images", "IMAGE", False), ("filename_prefix", "STRING", True)], []),
+    "CLIPLoader": ([("clip_name", "COMBO", True), ("type", "COMBO", True), ("device", "COMBO", True)],
+                   [("CLIP", "CLIP")]),
+    "CLIPTextEncode": ([("text", "STRING", True), ("clip", "CLIP", False)], [("CONDITIONING", "CONDITIONING")]),
+    "VAELoader": ([("vae_name", "COMBO", True)], [("VAE", "VAE")]),
+    "VAEDecode": ([("samples", "LATENT", False), ("vae", "VAE", False)], [("IMAGE", "IMAGE")]),
+    "EmptyHunyuanLatentVideo": ([("width", "INT", True), ("height", "INT", True), ("length", "INT", True),
+                                 ("batch_size", "INT", True)], [("LATENT", "LATENT")]),
+    "KSampler": ([("model", "MODEL", False), ("seed", "INT", True), ("steps", "INT", True), ("cfg", "FLOAT", True),
+                  ("sampler_name", "COMBO", True), ("scheduler", "COMBO", True), ("positive", "CONDITIONING", False),
+                  ("negative", "CONDITIONING", False), ("latent_image", "LATENT", False), ("denoise", "FLOAT", True)],
+                 [("LATENT", "LATENT")]),
 }
 UI_ONLY = {"Note"}  # frontend-only nodes: not part of an API graph
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -41,6 +52,10 @@ T5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 VAE = "wan_2.1_vae.safetensors"
 CLIP = "clip_vision_h.safetensors"
 NEG = ""  # empty: the official default negative prompt of the model type
+# core CLIPTextEncode has no default negative prompt: the official Wan 2.1 one, spelled out
+OFFICIAL_NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+                     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
 
 def _pack_specs() -> dict[str, tuple[list, list]]:
@@ -322,6 +337,65 @@ def i2v_extend(specs, times: int = 3) -> Graph:
     return g
 
 
+def _core_text(g: Graph, prompt: str, negative: str) -> tuple[int, int]:
+    """Core Load CLIP (umT5, type wan) and CLIPTextEncode for the prompt and the negative prompt."""
+    clip = g.add("CLIPLoader", (0, 180), {"clip_name": T5, "type": "wan", "device": "default"})
+    pos = g.add("CLIPTextEncode", (360, 0), {"text": prompt}, {"clip": (clip, 0)}, size=(400, 200),
+                title="Prompt")
+    neg = g.add("CLIPTextEncode", (360, 240), {"text": negative}, {"clip": (clip, 0)}, size=(400, 200),
+                title="Negative prompt")
+    return pos, neg
+
+
+def _core_decode_and_save(g: Graph, latent: int, prefix: str) -> None:
+    vae = g.add("VAELoader", (0, 340), {"vae_name": VAE})
+    images = g.add("VAEDecode", (1160, 0), {}, {"samples": (latent, 0), "vae": (vae, 0)}, size=(240, 80))
+    _save_video(g, images, prefix, (1520, 0))
+
+
+def t2v_core_encoders(specs) -> Graph:
+    """Core text encoder and VAE around our sampler."""
+    model = "wan2.1_t2v_1.3B_bf16.safetensors"
+    g = Graph(specs)
+    _note(g, "Text-to-video with Wan 2.1 T2V 1.3B, mixing core nodes with ours: core Load CLIP (umT5, type wan) "
+          "and CLIPTextEncode for the prompts, WanCore Text Embeds From Conditioning, WanCore Sampler (official "
+          "schedule, our memory plan), core Load VAE and VAE Decode. The negative prompt is not filled in for you "
+          "here: the official one is given.\n\n" + _files(model))
+    dit = g.add("WanCoreLoadDiT", (0, 0), {"model_name": model, "weight_dtype": "auto", "attention": "sdpa"})
+    pos, neg = _core_text(g, "A white cat walks slowly across a sunlit garden, realistic style, soft light.",
+                          OFFICIAL_NEGATIVE)
+    text = g.add("WanCoreTextEmbedsFromConditioning", (360, 480), {}, {"positive": (pos, 0), "negative": (neg, 0)},
+                 size=(320, 80))
+    size = g.add("WanCoreEmptyVideoEmbeds", (360, 600), {"width": 832, "height": 480, "frames": 81})
+    s = g.add("WanCoreSampler", (800, 0), {"seed": 42, "steps": 50, "cfg": 5.0, "shift": 5.0, "sampler": "unipc",
+                                           "denoise": 1.0},
+              {"model": (dit, 0), "text_embeds": (text, 0), "video_embeds": (size, 0)}, size=(320, 260))
+    _core_decode_and_save(g, s, "WanCore/t2v_core_encoders")
+    return g
+
+
+def t2v_ksampler(specs) -> Graph:
+    """Our DiT through core KSampler."""
+    model = "wan2.1_t2v_1.3B_bf16.safetensors"
+    g = Graph(specs)
+    _note(g, "Text-to-video with Wan 2.1 T2V 1.3B through core KSampler: WanCore DiT To Model turns our loaded "
+          "DiT into a core MODEL (flow matching, shift 5), so core samplers, ModelSamplingSD3 and core LoRA / "
+          "model-patching nodes work with it. Core KSampler's schedules are not the official Wan ones (WanCore "
+          "Sampler's are), and our memory plan does not apply on this path.\n\n" + _files(model))
+    dit = g.add("WanCoreLoadDiT", (0, 0), {"model_name": model, "weight_dtype": "auto", "attention": "sdpa"})
+    core = g.add("WanCoreDiTToModel", (0, 500), {"shift": 5.0}, {"model": (dit, 0)}, size=(320, 80))
+    pos, neg = _core_text(g, "A white cat walks slowly across a sunlit garden, realistic style, soft light.",
+                          OFFICIAL_NEGATIVE)
+    latent = g.add("EmptyHunyuanLatentVideo", (360, 480), {"width": 832, "height": 480, "length": 81,
+                                                           "batch_size": 1})
+    s = g.add("KSampler", (800, 0), {"seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "uni_pc",
+                                     "scheduler": "simple", "denoise": 1.0},
+              {"model": (core, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (latent, 0)},
+              size=(320, 300))
+    _core_decode_and_save(g, s, "WanCore/t2v_ksampler")
+    return g
+
+
 def graphs(specs) -> dict[str, Graph]:
     return {
         "wan_t2v_1.3B": t2v(specs, "wan2.1_t2v_1.3B_bf16.safetensors", "t2v_1.3B",
@@ -350,6 +424,8 @@ def graphs(specs) -> dict[str, Graph]:
         "wan_t2v_1.3B_257_context_windows": long_t2v(specs),
         "wan_i2v_480p_extend_x3": i2v_extend(specs),
         "wan_t2v_1.3B_loop": long_t2v(specs, loop=True),
+        "wan_t2v_1.3B_core_encoders": t2v_core_encoders(specs),
+        "wan_t2v_1.3B_ksampler": t2v_ksampler(specs),
     }
 
 

@@ -318,7 +318,13 @@ def test_object_info_lists_every_node_with_the_workflows_widgets(server):
             assert len(node["widgets_values"]) == len(widgets), (path.stem, node["type"], widgets)
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in API.glob("*.json")))
+def uses_core_loaders(path: Path) -> bool:
+    """Core Load CLIP / Load VAE build fixed full-size architectures and cannot read the tiny models:
+    tests/host/test_core_types.py runs those workflows with probes over the tiny files instead."""
+    return any(n["class_type"] in ("CLIPLoader", "VAELoader") for n in json.loads(path.read_text()).values())
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in API.glob("*.json") if not uses_core_loaders(p)))
 def test_each_api_workflow_runs_on_tiny_models_and_saves_its_output(server, name):
     prompt = tiny(name)
     history, events = server.run(prompt)

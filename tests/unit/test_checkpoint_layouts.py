@@ -255,3 +255,28 @@ def test_full_size_vae_t5_clip_configs_inferred_from_shapes(tmp_path: Path) -> N
     clip_shapes = factory.official_shapes("clip", CLIPVisionConfig(), with_textual=False)
     clip = inspect_checkpoint(_sparse_safetensors(tmp_path / "c.safetensors", clip_shapes))
     assert clip.config == CLIPVisionConfig() and clip.config.num_heads == 16 and clip.config.num_tokens == 257
+
+
+def test_every_network_declares_its_checkpoint_report_and_the_loader_fills_it(tmp_path: Path) -> None:
+    from wan_core.checkpoint import LoadReport, load_module
+    from wan_core.clip_vision import CLIPVisionTower
+    from wan_core.dit import WanDiT
+    from wan_core.text_encoder import UMT5Encoder
+    from wan_core.vace import WanVaceDiT
+    from wan_core.vae import WanVAE
+
+    built = {WanDiT: tiny.TINY_DIT_T2V, WanVAE: tiny.TINY_VAE, UMT5Encoder: tiny.TINY_T5, CLIPVisionTower: tiny.TINY_CLIP}
+    for cls, cfg in built.items():
+        assert "checkpoint_report" in cls.__annotations__, cls      # declared data, not patched on
+        with torch.device("meta"):
+            assert cls(cfg).checkpoint_report is None
+    assert issubclass(WanVaceDiT, WanDiT)
+    vae = load_vae(factory.write_checkpoint(tmp_path, "vae", "official"))
+    assert isinstance(vae.checkpoint_report, LoadReport) and vae.checkpoint_report.kind == "vae"
+
+    class Undeclared(torch.nn.Module):      # a network outside the contract is refused before any read
+        def __init__(self, cfg) -> None:
+            super().__init__()
+
+    with pytest.raises(TypeError, match="checkpoint_report"):
+        load_module(factory.write_checkpoint(tmp_path, "vae", "diffusers"), "vae", Undeclared)

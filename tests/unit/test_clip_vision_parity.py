@@ -67,7 +67,9 @@ def test_builds_on_meta_without_buffers() -> None:
         model = CLIPVisionTower(CLIPVisionConfig())                   # full ViT-H/14
     assert list(model.buffers()) == []
     assert all(p.is_meta for p in model.parameters())
-    assert sum(p.numel() for p in model.parameters()) == 632_076_800   # facts §2: visual.*
+    # the visual.* tensors of the official models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth
+    # (Wan-AI/Wan2.1-I2V-*): ViT-H/14, width 1280, 32 layers, 257 tokens (official wan/modules/clip.py)
+    assert sum(p.numel() for p in model.parameters()) == 632_076_800
     assert model.config.num_heads == 16 and model.config.num_tokens == 257
     fp32 = sum(p.numel() for n, p in model.named_parameters() if any(f in n for f in FP32_PARAMS))
     assert fp32 / 632_076_800 < 0.005
@@ -125,7 +127,8 @@ def test_preprocess_is_bicubic_resize_without_crop_then_clip_normalisation() -> 
     flat = preprocess(torch.zeros(2, 3, 33, 70), TINY_CLIP)
     for c in range(3):
         assert torch.allclose(flat[:, c], torch.full_like(flat[:, c], (0.5 - TINY_CLIP.mean[c]) / TINY_CLIP.std[c]))
-    assert TINY_CLIP.mean == (0.48145466, 0.4578275, 0.40821073)          # facts §6
+    # OpenAI CLIP's normalisation, which the official wan/modules/clip.py applies (T.Normalize(mean, std))
+    assert TINY_CLIP.mean == (0.48145466, 0.4578275, 0.40821073)
     assert TINY_CLIP.std == (0.26862954, 0.26130258, 0.27577711)
 
 

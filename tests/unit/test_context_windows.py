@@ -237,3 +237,42 @@ def test_window_lists_and_weights_match_comfyui(monkeypatch) -> None:
                     checked += 1
     print(f'{checked} cases equal, {skipped} invalid in ComfyUI')
     assert checked + skipped == len(GRID) * 3 * 2 * 5 and skipped < checked // 5
+
+
+def test_an_interrupt_is_checked_between_windows(dit, text) -> None:
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        sample(dit, text, SETTINGS, shape=SHAPE, context=ContextOptions(context_frames=21, overlap=8),
+               interrupt=interrupt, callback=steps.append)
+    # before the evaluation, then before windows 1 and 2 of step 0's cond branch: no step finished
+    assert len(calls) == 3 and steps == []
+
+
+def test_prompt_travel_gives_each_window_the_prompt_of_its_middle_frame(dit, text) -> None:
+    g = torch.Generator().manual_seed(7)
+    later = TextEmbeds(torch.randn(4, tiny.TINY_T5.dim, generator=g), torch.randn(2, tiny.TINY_T5.dim, generator=g))
+    opts = ContextOptions(context_frames=21, overlap=8, prompts=((24, later),))
+    seen = []
+
+    class TextRunner(DiTRunner):
+        def __call__(self, x, t, context, clip_fea=None, y=None, branch="cond", **kw):
+            seen.append((branch, context[0].clone()))
+            return super().__call__(x, t, context, clip_fea, y, branch, **kw)
+
+    sample(dit, text, dataclasses.replace(SETTINGS, steps=1), shape=SHAPE, runner=TextRunner(dit), context=opts)
+    windows = opts.windows(13)
+    for (branch, ctx), w in zip(seen, windows + windows):
+        late = w[len(w) // 2] * 4 >= 24
+        own = text.positive if branch.startswith("cond") else text.negative
+        new = later.positive if branch.startswith("cond") else later.negative
+        assert torch.equal(ctx, new if late else own), (branch, w)
+    assert {late for w in windows for late in [w[len(w) // 2] * 4 >= 24]} == {True, False}
+    with pytest.raises(ValueError, match="increasing frame"):
+        ContextOptions(prompts=((40, later), (8, later)))

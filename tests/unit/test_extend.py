@@ -83,3 +83,20 @@ def test_continue_video_matches_generate_extend(tmp_path) -> None:
     staged = continue_video(dit_m, vae, TextEmbeds(pos.float(), neg.float()), source, 9, 5,
                             SamplerSettings(steps=2, seed=1))
     assert torch.allclose(staged, via_generate, atol=1e-5)   # decode_tiled vs whole decode: measured equal
+
+
+def test_cli_extends_a_video_with_windows_and_guidance(tmp_path) -> None:
+    from wan_core.cli import main
+    from wan_core.selftest import write_selftest_models
+    from wan_core.video import read_video
+
+    m = write_selftest_models(tmp_path / "models")
+    base = ["generate", "--dit", str(m.dit_t2v), "--vae", str(m.vae), "--text-encoder", str(m.text_encoder),
+            "--prompt", "a cat", "--steps", "2", "--device", "cpu"]
+    first = tmp_path / "first.mp4"
+    assert main(base + ["--size", "48x32", "--frames", "9", "--out", str(first), "--context-frames", "5",
+                        "--context-overlap", "0", "--slg-blocks", "0", "--cfg-zero-star"]) == 0
+    longer = tmp_path / "longer.mp4"
+    assert main(base + ["--frames", "9", "--extend", str(first), "--extend-overlap", "5", "--out", str(longer)]) == 0
+    assert read_video(longer).shape == (13, 32, 48, 3)
+    assert main(base + ["--frames", "9", "--extend", str(first), "--extend-overlap", "4"]) == 2   # not 4n+1

@@ -61,7 +61,9 @@ def test_full_size_official_vae_t5_clip_match_published_counts():
     assert visual["visual.transformer.0.mlp.0.weight"] == (5120, 1280) and clip["log_scale"] == ()
 
 
-# One documented pattern per line of the facts file (§2); N is the block index.
+# One pattern per key family of the official Wan 2.1 DiT state dict (WanModel of the official
+# wan/modules/model.py, as in the published Wan-AI/Wan2.1-* diffusion_pytorch_model*.safetensors);
+# "image": I2V / FLF2V only, "flf2v": FLF2V only.
 DIT_PATTERNS = {
     r"patch_embedding\.(weight|bias)": "all",
     r"(text|time)_embedding\.[02]\.(weight|bias)": "all",

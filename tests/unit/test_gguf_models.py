@@ -86,9 +86,10 @@ def _write(tmp, variant: str, mix: dict[str, str]):
 
 
 def _dequantized(tmp, path, name: str):
-    """The same model from a safetensors of the dequantized weights (F16/F32 tensors kept as they are)."""
+    """The same model from a safetensors of the dequantized weights (F16/F32 tensors kept as they are),
+    computing in float32 as the GGUF model does on the CPU (a plain file follows its F16 text embedding)."""
     sd, _ = read_state_dict(path, dtype=None)
-    return load_dit(factory.save_safetensors(sd, tmp / name))
+    return load_dit(factory.save_safetensors(sd, tmp / name), compute_dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- DiT
@@ -121,6 +122,24 @@ def test_dit_gguf_computes_exactly_like_its_dequantized_weights(tmp, variant: st
     assert not is_quantized(plain) and is_quantized(model)
     for seed in (0, 1):
         assert torch.equal(_run(model, seed), _run(plain, seed))
+
+
+def test_gguf_dit_computes_in_float32_on_the_cpu_not_in_its_f16_embeddings_dtype(tmp) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from wan_core.layers import PrecisionPolicy
+
+    model = load_dit(_write(tmp, "t2v", Q4K))
+    assert model.text_embedding[0].weight.dtype == torch.float16       # unquantized in the file: F16
+    assert model.resolved_compute_dtype() == torch.float32              # like fp8 storage on the CPU
+    model.compute_dtype = torch.bfloat16                                # an explicit choice still wins
+    assert model.resolved_compute_dtype() == torch.bfloat16
+    # on CUDA (fake tensors: no GPU needed) quantized blocks give bf16, whatever device the blocks rest on
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        embed = torch.empty(4, 4, dtype=torch.float16, device="cuda")
+        blocks = torch.empty(4, 2, dtype=torch.uint8)
+        assert PrecisionPolicy.compute_dtype(None, embed, blocks) == torch.bfloat16
+        assert PrecisionPolicy.compute_dtype(None, embed, embed) == torch.float16   # plain fp16: unchanged
 
 
 @pytest.mark.parametrize(("variant", "mix", "tol", "measured"), ERRORS,

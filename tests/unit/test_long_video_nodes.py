@@ -54,3 +54,33 @@ def test_extend_video_node_continues_a_video(pack, tmp_path) -> None:
     ref = wc.extend.continue_video(dit, vae, text, source, 9, 5, wc.SamplerSettings(steps=2, seed=1))
     assert out.shape == (13, 32, 32, 3) and torch.equal(out[:4], source[:4])
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_extend_video_node_encodes_in_the_plans_tiles(pack, tmp_path, monkeypatch) -> None:
+    """The overlap (and I2V guide) encode uses the image-encode stage's tile, as generate() does:
+    "auto" on the CPU (encode_tiled's RAM rule: one tile here, so the numbers above are unchanged),
+    and the memory options' custom tile when given."""
+    import factory
+
+    n, wc = pack.nodes, pack.wan_core
+    dit = wc.load_dit(factory.write_checkpoint(tmp_path, "dit", "official", variant="t2v"), dtype=torch.float32)
+    vae = wc.load_vae(factory.write_checkpoint(tmp_path, "vae", "official"))
+    g = torch.Generator().manual_seed(1)
+    text = wc.TextEmbeds(torch.randn(5, dit.cfg.text_dim, generator=g), torch.randn(3, dit.cfg.text_dim, generator=g))
+    source = torch.rand(9, 32, 32, 3, generator=g)
+    tiles, encode_tiled = [], wc.vae_tiling.encode_tiled
+
+    def spy(vae_, video, *args, tile="auto", **kw):
+        tiles.append(tile)
+        return encode_tiled(vae_, video, *args, tile=tile, **kw)
+
+    monkeypatch.setattr(wc.vae_tiling, "encode_tiled", spy)
+    node = n.WanCoreExtendVideo()
+    plain = node.extend(n.types.LoadedDiT(dit), vae, text, source, 9, 5, 1, 2, 5.0, 5.0, "unipc")[0]
+    memory = n.types.MemoryOptions(vae_tile="custom", vae_tile_size=128)
+    custom = node.extend(n.types.LoadedDiT(dit, memory), vae, text, source, 9, 5, 1, 2, 5.0, 5.0, "unipc")[0]
+    assert tiles == ["auto", 16]                     # 128 px -> 16 latent px
+    assert torch.equal(plain, custom)                # a 4x4 latent frame is one tile either way
+    known, _image, _shape = wc.extend.extension_inputs(dit, vae, source, 9, 5)   # untiled by default
+    assert tiles == ["auto", 16]
+    assert torch.equal(known, wc.extend.extension_inputs(dit, vae, source, 9, 5, vae_tile=16)[0])

@@ -433,6 +433,52 @@ def test_a_committed_merge_keeps_no_originals_and_unmerged_removal_is_exact(base
     snap.check(model)
 
 
+@pytest.mark.parametrize("fault", ["nan_in_down", "wrong_shape", "values_overflow_float32", "not_a_safetensors_file"])
+def test_without_rollback_bad_files_are_still_refused_before_any_change(bases, files, fault):
+    """rollback=False (a loader about to drop the model on failure) skips the originals, not the checks."""
+    model, snap = bases["fp8"]
+    with pytest.raises(LoraError) as kept:
+        apply_loras(model, refused_specs(files, fault), mode="merge")
+    with pytest.raises(LoraError) as dropped:
+        apply_loras(model, refused_specs(files, fault), mode="merge", rollback=False)
+    assert str(dropped.value) == str(kept.value)
+    snap.check(model, output=False)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_without_rollback_a_merge_keeps_no_originals_and_gives_the_same_weights(bases, files, monkeypatch, storage):
+    held, write = [], lora_mod._UndoLog.write
+
+    def spy(self, p, new):
+        write(self, p, new)
+        held.append(len(self._entries))     # originals kept after each parameter write
+    monkeypatch.setattr(lora_mod._UndoLog, "write", spy)
+    model, _ = fresh(bases, storage)
+    apply_loras(model, [LoraSpec(files["good"], 0.7)], mode="merge", rollback=False)
+    assert len(held) == (14 if storage == "fp8" else 9) and set(held) == {0}
+    held.clear()
+    ref, _ = fresh(bases, storage)
+    apply_loras(ref, [LoraSpec(files["good"], 0.7)], mode="merge")
+    assert held == list(range(1, len(held) + 1))        # the default keeps every one until it commits
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(model.parameters(), ref.parameters()))
+
+
+def test_without_rollback_a_late_failure_says_the_model_is_partly_merged(bases, files, monkeypatch):
+    model, _ = fresh(bases, "fp8")
+    wrapped, _ = fail_on_call(lora_mod._UndoLog, "write", 3, RuntimeError("injected"))
+    monkeypatch.setattr(lora_mod._UndoLog, "write", wrapped)
+    with pytest.raises(LoraError, match="partly merged.*discard it") as err:
+        apply_loras(model, [LoraSpec(files["good"], 0.7)], mode="merge", rollback=False)
+    assert "good.safetensors" in str(err.value) and isinstance(err.value.__cause__, RuntimeError)
+    # "unmerged" keeps its originals whatever rollback says: remove() and a rollback need them
+    model, snap = fresh(bases, "fp8")
+    wrapped, _ = fail_on_call(lora_mod._UndoLog, "write", 2, RuntimeError("injected"))
+    monkeypatch.setattr(lora_mod._UndoLog, "write", wrapped)
+    with pytest.raises(LoraError, match="undone"):
+        apply_loras(model, [LoraSpec(files["good"], 0.7)], mode="unmerged", rollback=False)
+    snap.check(model)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_failed_merge_on_a_gpu_model_restores_it_from_the_host_copies(files, monkeypatch):
     model = build("fp8").cuda()

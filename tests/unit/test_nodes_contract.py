@@ -64,7 +64,7 @@ def test_every_node_has_category_description_function_and_consistent_outputs(pac
         assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS), node_id
         assert all(isinstance(t, str) and t for t in cls.OUTPUT_TOOLTIPS), node_id
         for t in cls.RETURN_TYPES:
-            assert t in ("IMAGE", "LATENT") or t.startswith("WANCORE_"), (node_id, t)
+            assert t in ("IMAGE", "LATENT", "MODEL") or t.startswith("WANCORE_"), (node_id, t)
 
 
 def test_input_types_are_well_formed_with_a_tooltip_on_every_input(pack, folder_paths):

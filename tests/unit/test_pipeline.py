@@ -251,3 +251,41 @@ def test_official_defaults_and_i2v_size() -> None:
     assert i2v_size(480, 832, 832 * 480) == (832, 464)
     assert i2v_size(832, 480, 832 * 480) == (480, 832)
     assert NEGATIVE_PROMPT_I2V == "镜头晃动，" + NEGATIVE_PROMPT
+
+
+def test_generate_from_paths_drops_the_text_encoder_before_reading_the_dit(tmp_path: Path, monkeypatch) -> None:
+    """RAM order: umT5 is loaded, run and released before the DiT file is read (a 14B fp8 DiT and
+    umT5 would otherwise rest in RAM together, 14 + 11 GB); the frames are the same bit for bit."""
+    import weakref
+
+    import wan_core.loaders as loaders
+    from wan_core.files import CheckpointError
+
+    paths = {"dit": factory.write_checkpoint(tmp_path, "dit", "official", variant="t2v"),
+             "vae": factory.write_checkpoint(tmp_path, "vae", "official"),
+             "text_encoder": factory.write_checkpoint(tmp_path, "t5", "hf_with_spiece")}
+    common = dict(prompt="a red boat", width=W, height=H, frames=FRAMES, steps=2, seed=3)
+    loaded = generate(dit=load_dit(paths["dit"]), vae=load_vae(paths["vae"]),
+                      text_encoder=load_text_encoder(paths["text_encoder"]), **common)
+    order, encoders = [], []
+    load_te, load_dit_ = loaders.load_text_encoder, loaders.load_dit
+
+    def text_encoder_loader(*args, **kw):
+        order.append("text encoder")
+        te = load_te(*args, **kw)
+        encoders.append(weakref.ref(te))
+        return te
+
+    def dit_loader(*args, **kw):
+        order.append("dit")
+        assert encoders and encoders[-1]() is None, "the text encoder is still held when the DiT loads"
+        return load_dit_(*args, **kw)
+
+    monkeypatch.setattr(loaders, "load_text_encoder", text_encoder_loader)
+    monkeypatch.setattr(loaders, "load_dit", dit_loader)
+    assert torch.equal(generate(**paths, **common), loaded)
+    assert order == ["text encoder", "dit"]
+    order.clear()
+    with pytest.raises(CheckpointError, match="VAE"):   # a wrong file is refused before any model loads
+        generate(**{**paths, "dit": paths["vae"]}, **common)
+    assert order == ["dit"]

@@ -1,5 +1,6 @@
-"""WanVAE reproduces diffusers' ``AutoencoderKLWan`` (0.42.1), which reproduces the official
-Wan 2.1 VAE exactly (facts §9), on random official-layout weights, fp32 CPU.
+"""WanVAE reproduces diffusers' ``AutoencoderKLWan`` (0.42.1), diffusers' port of the official
+Wan 2.1 VAE (``wan/modules/vae.py`` of github.com/Wan-Video/Wan2.1, whose ``Wan2.1_VAE.pth``
+loads into it through diffusers' own key conversion), on random official-layout weights, fp32 CPU.
 
 The reference is built from an explicit config (TINY_VAE: dim 8, z 16, mult (1,2,4,4)) and
 loaded strictly with ``convert_wan_vae_to_diffusers`` of the same official state dict that
@@ -135,7 +136,9 @@ def test_swapped_norm_scales_break_parity(models, official, first, second):
 
 
 def test_full_size_vae_has_the_official_keys_and_parameter_count():
-    """Facts §2: Wan2.1_VAE.pth holds 194 tensors, 126,892,531 parameters."""
+    """The official Wan2.1_VAE.pth (in every Wan-AI/Wan2.1-* repository on Hugging Face) holds 194
+    tensors, 126,892,531 parameters: ``WanVAE_`` of the official wan/modules/vae.py with its
+    published config (dim 96, z_dim 16, dim_mult (1, 2, 4, 4), temporal downsampling (F, T, T))."""
     with torch.device("meta"):
         model = WanVAE(VAEConfig())
     params = dict(model.named_parameters())

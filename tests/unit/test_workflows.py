@@ -29,7 +29,7 @@ WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 CONTROL = {"fixed", "increment", "decrement", "randomize"}
 EXPECTED = {"wan_t2v_1.3B_257_context_windows", "wan_i2v_480p_extend_x3", "wan_t2v_1.3B_loop",
             "wan_t2v_14B_fp8_8GB", "wan_i2v_480p", "wan_i2v_720p", "wan_flf2v_720p", "wan_v2v_1.3B", "wan_t2v_1.3B",
-            "wan_t2i_1.3B"}
+            "wan_t2i_1.3B", "wan_t2v_1.3B_core_encoders", "wan_t2v_1.3B_ksampler"}
 
 # Core nodes (ComfyUI 0.3.64): inputs in order as (name, type or combo options, widget?), output types.
 ANY = None  # a combo listing files: any string
@@ -47,6 +47,16 @@ CORE = {
     "SaveVideo": ([("video", "VIDEO", False), ("filename_prefix", "STRING", True), ("format", ["auto", "mp4"], True),
                    ("codec", ["auto", "h264"], True)], []),
     "SaveImage": ([("images", "IMAGE", False), ("filename_prefix", "STRING", True)], []),
+    "CLIPLoader": ([("clip_name", ANY, True), ("type", ANY, True), ("device", ["default", "cpu"], True)], ["CLIP"]),
+    "CLIPTextEncode": ([("text", "STRING", True), ("clip", "CLIP", False)], ["CONDITIONING"]),
+    "VAELoader": ([("vae_name", ANY, True)], ["VAE"]),
+    "VAEDecode": ([("samples", "LATENT", False), ("vae", "VAE", False)], ["IMAGE"]),
+    "EmptyHunyuanLatentVideo": ([("width", "INT", True), ("height", "INT", True), ("length", "INT", True),
+                                 ("batch_size", "INT", True)], ["LATENT"]),
+    "KSampler": ([("model", "MODEL", False), ("seed", "INT", True), ("steps", "INT", True), ("cfg", "FLOAT", True),
+                  ("sampler_name", ANY, True), ("scheduler", ANY, True), ("positive", "CONDITIONING", False),
+                  ("negative", "CONDITIONING", False), ("latent_image", "LATENT", False), ("denoise", "FLOAT", True)],
+                 ["LATENT"]),
 }
 FRONTEND_ONLY = {"Note"}
 
@@ -126,6 +136,7 @@ def test_workflow_uses_only_known_nodes_and_has_a_download_note(path, specs):
             names = [name for name, *_ in specs[n["type"]][0]]
             if key in names:
                 value = n["widgets_values"][names.index(key)]
+                folder = "text_encoders" if n["type"] == "CLIPLoader" else folder   # core Load CLIP: umT5
                 assert f"{folder}/{value}" in notes[0] and f"models/{folder}/" in notes[0], (path.stem, value)
 
 

@@ -1,0 +1,160 @@
+"""Bridges between core ComfyUI types and ours, as small adapter nodes.
+
+Adapters, not new optional sockets on WanCore Sampler / Image To Video Encode: their
+``text_embeds`` / ``vae`` / ``clip_vision`` inputs are required, and a required socket can
+never become optional (saved workflows store it). An adapter keeps each graph simple: one
+extra node between the core encoders and our sampler, our sampler unchanged.
+
+- core ``CONDITIONING`` (``CLIPTextEncode`` with a umT5 ``CLIP`` of type wan) -> our text embeds;
+- core ``VAE`` (Wan 2.1) + ``CLIP_VISION_OUTPUT`` (``CLIPVisionEncode``, crop none) -> our
+  image-to-video embeds;
+- our DiT -> a core ``MODEL`` for ``KSampler`` / ``SamplerCustomAdvanced`` (:func:`host.core_model`).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import host
+from .conditioning import size_inputs
+from .types import DIT, MAX_SHIFT, TEXT_EMBEDS, VIDEO_EMBEDS, check_size
+
+__all__ = ["WanCoreTextEmbedsFromConditioning", "WanCoreImageEmbedsFromCore", "WanCoreDiTToModel",
+           "embeds_from_conditioning"]
+
+
+def embeds_from_conditioning(conditioning, which: str) -> torch.Tensor:
+    """Core CONDITIONING ``[[cond [1, L, D], {...}]]`` -> ``[L', D]`` float32 on the CPU, L' the
+    real tokens: core umT5 zero-pads every prompt to 512 tokens (``zero_out_masked``), our
+    DiT zero-pads to its text_len itself, so dropping the trailing zero rows changes nothing."""
+    if not isinstance(conditioning, (list, tuple)) or len(conditioning) != 1:
+        n = len(conditioning) if isinstance(conditioning, (list, tuple)) else type(conditioning).__name__
+        raise ValueError(f"{which}: give the CONDITIONING of one prompt (CLIPTextEncode with a umT5 CLIP of type "
+                         f"wan); got {n} entries (combined or area conditioning is not supported here).")
+    cond = conditioning[0][0]
+    if cond.ndim != 3 or cond.shape[0] != 1:
+        raise ValueError(f"{which}: the conditioning must be one prompt's text embeddings [1, L, dim]; got shape "
+                         f"{tuple(cond.shape)}.")
+    cond = cond[0].float().cpu()
+    nonzero = cond.abs().amax(dim=1).nonzero()
+    length = int(nonzero[-1]) + 1 if len(nonzero) else 1
+    return cond[:length].clone()
+
+
+class WanCoreTextEmbedsFromConditioning:
+    """Core positive / negative CONDITIONING -> WanCore text embeds."""
+
+    CATEGORY = "WanCore/conditioning"
+    DESCRIPTION = ("Use core CLIPTextEncode with WanCore Sampler: connect the positive and negative CONDITIONING "
+                   "of a umT5 CLIP (Load CLIP, type wan). Same numbers as WanCore Text Encode on the same weights.")
+    FUNCTION = "convert"
+    RETURN_TYPES = (TEXT_EMBEDS,)
+    RETURN_NAMES = ("text_embeds",)
+    OUTPUT_TOOLTIPS = ("Prompt and negative prompt embeddings, for WanCore Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "positive": ("CONDITIONING", {"tooltip": "CLIPTextEncode of the prompt, with a umT5 CLIP (type wan)."}),
+            "negative": ("CONDITIONING", {"tooltip": "CLIPTextEncode of the negative prompt, same CLIP. The "
+                                                     "official default negative prompt is not filled in here."}),
+        }}
+
+    def convert(self, positive, negative):
+        from ..wan_core import TextEmbeds
+
+        pos = embeds_from_conditioning(positive, "positive")
+        neg = embeds_from_conditioning(negative, "negative")
+        if pos.shape[1] != neg.shape[1]:
+            raise ValueError(f"positive ({pos.shape[1]}-wide) and negative ({neg.shape[1]}-wide) embeddings come "
+                             "from different text encoders; encode both with the same umT5 CLIP.")
+        return (TextEmbeds(pos, neg),)
+
+
+class WanCoreImageEmbedsFromCore:
+    """Core VAE + CLIP vision output(s) + start (and end) image -> I2V / FLF2V video embeds."""
+
+    CATEGORY = "WanCore/conditioning"
+    DESCRIPTION = ("Image-to-video conditioning from core nodes: a Wan 2.1 VAE (Load VAE) and the "
+                   "CLIPVisionEncode output of the start image (crop: none; clip_vision_h). The guide video is "
+                   "built as WanCore Image To Video Encode builds it; for FLF2V also give the end image and its "
+                   "CLIP vision output.")
+    FUNCTION = "encode"
+    RETURN_TYPES = (VIDEO_EMBEDS,)
+    RETURN_NAMES = ("video_embeds",)
+    OUTPUT_TOOLTIPS = ("Image conditioning and video size, for WanCore Sampler with an I2V or FLF2V model.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("VAE", {"tooltip": "Core Load VAE with the Wan 2.1 VAE (wan_2.1_vae)."}),
+                "clip_vision_output": ("CLIP_VISION_OUTPUT", {
+                    "tooltip": "CLIPVisionEncode of the start image, crop none (penultimate hidden states)."}),
+                "start_image": ("IMAGE", {"tooltip": "The first frame of the video (the first image of a batch)."}),
+                **size_inputs(832, 480, 81),
+            },
+            "optional": {
+                "end_image": ("IMAGE", {"tooltip": "FLF2V only: the last frame (the last image of a batch)."}),
+                "clip_vision_output_end": ("CLIP_VISION_OUTPUT", {
+                    "tooltip": "FLF2V only: CLIPVisionEncode of the end image, crop none."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return check_size(width, height, frames)
+
+    def encode(self, vae, clip_vision_output, start_image, width: int, height: int, frames: int,
+               end_image=None, clip_vision_output_end=None):
+        from ..wan_core import ImageEmbeds, check_video_size, image_to_tensor
+        from ..wan_core.conditioning import _match_last_frame, guide_video, i2v_mask
+        from ..wan_core.vae import normalize_latents
+
+        check_video_size(width, height, frames)
+        if (end_image is None) != (clip_vision_output_end is None):
+            raise ValueError("FLF2V needs both end_image and clip_vision_output_end (the CLIPVisionEncode of the "
+                             "end image); for I2V connect neither.")
+        first = image_to_tensor(start_image[0])
+        last = _match_last_frame(first, image_to_tensor(end_image[-1])) if end_image is not None else None
+        outputs = [clip_vision_output] + ([clip_vision_output_end] if last is not None else [])
+        feats = torch.cat([_penultimate(o) for o in outputs], dim=0)
+        guide = guide_video(first, frames, height, width, last)            # [3, T, H, W], -1..1
+        pixels = guide.permute(1, 2, 3, 0).add(1.0).div(2.0)                # core IMAGE [T, H, W, 3], 0..1
+        latents = vae.encode(pixels)                                        # raw [1, 16, T', H/8, W/8]
+        latents = normalize_latents(latents.float().cpu())[0]
+        mask = i2v_mask(frames, height // 8, width // 8, last_frame=last is not None)
+        return (ImageEmbeds(y=torch.cat([mask, latents]), clip_fea=feats, width=width, height=height,
+                            frames=frames),)
+
+
+def _penultimate(output) -> torch.Tensor:
+    states = getattr(output, "penultimate_hidden_states", None)
+    if states is None or states.ndim != 3 or states.shape[0] != 1:
+        raise ValueError("clip_vision_output must be the CLIPVisionEncode output of one image (penultimate hidden "
+                         "states [1, 257, 1280] from clip_vision_h).")
+    return states[0].float().cpu()
+
+
+class WanCoreDiTToModel:
+    """Our loaded DiT -> a core MODEL (flow matching, Wan's shift)."""
+
+    CATEGORY = "WanCore/loaders"
+    DESCRIPTION = ("Use a WanCore DiT with core samplers (KSampler, SamplerCustomAdvanced, ModelSamplingSD3, core "
+                   "LoRA and model-patching nodes), fed by core CONDITIONING and LATENT. Our memory plan, step "
+                   "cache and LoRA options do not apply on that path; WanCore Sampler stays the default.")
+    FUNCTION = "convert"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A core MODEL over the same weights (no copy), with Wan 2.1 flow-matching sampling.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (DIT, {"tooltip": "From WanCore Load Diffusion Model."}),
+            "shift": ("FLOAT", {"default": 5.0, "min": 0.0, "max": MAX_SHIFT, "step": 0.1, "round": 0.01,
+                                "tooltip": "Flow-matching shift of the core sampling (official 5.0; 3.0 for "
+                                           "480p I2V). ModelSamplingSD3 downstream overrides it."}),
+        }}
+
+    def convert(self, model, shift: float):
+        return (host.core_model(model.model, shift),)
