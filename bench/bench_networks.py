@@ -181,26 +181,26 @@ def _reset_peak() -> bool:
 
 # --------------------------------------------------------------------------- weight files
 
-def write_weights(workdir: Path, layers: int, seed: int, t5_layers: int, clip_layers: int) -> None:
-    """Official-layout files for our loaders and diffusers-layout files for theirs."""
+def write_weights(workdir: Path, cases: tuple[str, ...], args: argparse.Namespace) -> None:
+    """Official-layout files for our loaders and the official code, converted files for
+    diffusers / transformers; only for the networks in ``cases``."""
     sys.path.insert(0, str(ROOT / "tests"))
     import factory
 
-    dit = factory.dit_official(dit_config(layers), seed)
-    factory.save_safetensors(dit, workdir / "dit_official.safetensors")
-    factory.save_safetensors(factory.dit_to_diffusers(dit), workdir / "dit_diffusers.safetensors")
-    del dit
-    vae = factory.vae_official(vae_config(), seed)
-    factory.save_safetensors(vae, workdir / "vae_official.safetensors")
-    factory.save_safetensors(factory.vae_to_diffusers(vae), workdir / "vae_diffusers.safetensors")
-    del vae
-    t5 = factory.t5_official(t5_config(t5_layers), seed)
-    factory.save_safetensors(t5, workdir / "t5_official.safetensors")
-    factory.save_safetensors(factory.t5_to_hf(t5), workdir / "t5_transformers.safetensors")
-    del t5
-    clip = factory.clip_official(clip_config(clip_layers), seed, with_textual=False)
-    factory.save_safetensors(clip, workdir / "clip_official.safetensors")
-    factory.save_safetensors(factory.clip_to_hf(clip), workdir / "clip_transformers.safetensors")
+    nets = {"vae" if c == "vae_encode" else c for c in cases}
+    builders = {
+        "dit": (lambda: factory.dit_official(dit_config(args.layers), args.seed), "diffusers", factory.dit_to_diffusers),
+        "vae": (lambda: factory.vae_official(vae_config(), args.seed), "diffusers", factory.vae_to_diffusers),
+        "t5": (lambda: factory.t5_official(t5_config(args.t5_layers), args.seed), "transformers", factory.t5_to_hf),
+        "clip": (lambda: factory.clip_official(clip_config(args.clip_layers), args.seed, with_textual=False),
+                 "transformers", factory.clip_to_hf),
+    }
+    for net in sorted(nets):
+        build, peer, convert = builders[net]
+        sd = build()
+        factory.save_safetensors(sd, workdir / f"{net}_official.safetensors")
+        factory.save_safetensors(convert(sd), workdir / f"{net}_{peer}.safetensors")
+        del sd
 
 
 # --------------------------------------------------------------------------- worker
@@ -351,7 +351,7 @@ def _call(case: str, side: str, model, args: argparse.Namespace):
         ids[0, args.text_tokens:], mask[0, args.text_tokens:] = 0, 0   # padded to 512 as upstream
         n = args.text_tokens
         if side == "ours":   # wan_core.text_encoder.encode_text: the padding is not computed
-            return lambda: model(ids[:, :n], mask[:, :n])
+            return lambda: model(ids[:, :n])
         if side in ("ours_plain", "official"):   # 512 tokens, as the official T5EncoderModel
             return lambda: model(ids, mask)[:, :n]
         return lambda: model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :n]
@@ -456,9 +456,9 @@ def _table(results: dict) -> str:
         for n, side in enumerate(r["sides"]):
             o = r[side]
             rows.append(f"{r['label'] if n == 0 else '':<38} {side:<12} {o['median_s']:>9.3f} {o['min_s']:>8.3f} "
-                        f"{o['median_s'] / r['best_peer_s']:>8.2f}   {o.get('loaded_mib', 0):>10.0f} "
-                        f"{o.get('peak_mib', 0):>9.0f} {o.get('extra_mib', 0):>9.0f}   "
-                        f"{o.get('max_abs_diff', 0.0):>11.1e}")
+                        f"{o['median_s'] / r['best_peer_s']:>8.2f}   " + (
+                            f"{o['loaded_mib']:>10.0f} {o['peak_mib']:>9.0f} {o['extra_mib']:>9.0f}   "
+                            f"{o['max_abs_diff']:>11.1e}" if "peak_mib" in o else f"{'(--no-memory)':>43}"))
         rows.append(f"{'':<38} -> ours / best peer ({r['best_peer']}) = {r['ratio']:.3f}")
     return "\n".join(rows)
 
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="wan_bench_") as tmp:
         workdir = Path(tmp)
-        write_weights(workdir, args.layers, args.seed, args.t5_layers, args.clip_layers)
+        write_weights(workdir, cases, args)
         for case in cases:
             order = sides(case)
             r: dict = {"sides": list(order), "label": _label(case, args)}

@@ -7,8 +7,12 @@ from . import plans
 from .types import (CLIP_VISION, MAX_FRAMES, MAX_SIZE, MEMORY_OPTIONS, TEXT_EMBEDS, TEXT_ENCODER, VAE, VIDEO_EMBEDS,
                     VideoSize, check_size)
 
-__all__ = ["WanCoreEmptyVideoEmbeds", "WanCoreImageToVideoEncode", "WanCoreTextEncode", "prompt_cache",
-           "size_inputs"]
+__all__ = ["IMAGE_EMBEDS_TOOLTIP", "TEXT_EMBEDS_TOOLTIP", "WanCoreEmptyVideoEmbeds", "WanCoreImageToVideoEncode",
+           "WanCoreTextEncode", "image_inputs", "prompt_cache", "size_inputs"]
+
+# The outputs of the encoders here and of their core-input twins in nodes/core_types.py
+TEXT_EMBEDS_TOOLTIP = "Prompt and negative prompt embeddings, for WanCore Sampler."
+IMAGE_EMBEDS_TOOLTIP = "Image conditioning and video size, for WanCore Sampler with an I2V or FLF2V model."
 
 
 @functools.cache
@@ -33,6 +37,13 @@ def size_inputs(width: int, height: int, frames: int) -> dict:
     }
 
 
+def image_inputs() -> dict:
+    """The start image and the width / height / frames widgets (832x480, 81 frames) of the
+    image-to-video encoders (here and nodes/core_types.py)."""
+    return {"start_image": ("IMAGE", {"tooltip": "The first frame of the video (the first image of a batch)."}),
+            **size_inputs(832, 480, 81)}
+
+
 class WanCoreTextEncode:
     """Positive and negative prompt -> umT5 embeddings."""
 
@@ -42,7 +53,7 @@ class WanCoreTextEncode:
     FUNCTION = "encode"
     RETURN_TYPES = (TEXT_EMBEDS,)
     RETURN_NAMES = ("text_embeds",)
-    OUTPUT_TOOLTIPS = ("Prompt and negative prompt embeddings, for WanCore Sampler.",)
+    OUTPUT_TOOLTIPS = (TEXT_EMBEDS_TOOLTIP,)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -116,7 +127,7 @@ class WanCoreImageToVideoEncode:
     FUNCTION = "encode"
     RETURN_TYPES = (VIDEO_EMBEDS,)
     RETURN_NAMES = ("video_embeds",)
-    OUTPUT_TOOLTIPS = ("Image conditioning and video size, for WanCore Sampler with an I2V or FLF2V model.",)
+    OUTPUT_TOOLTIPS = (IMAGE_EMBEDS_TOOLTIP,)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -124,8 +135,7 @@ class WanCoreImageToVideoEncode:
             "required": {
                 "vae": (VAE, {"tooltip": "From WanCore Load VAE."}),
                 "clip_vision": (CLIP_VISION, {"tooltip": "From WanCore Load CLIP Vision (clip_vision_h)."}),
-                "start_image": ("IMAGE", {"tooltip": "The first frame of the video (the first image of a batch)."}),
-                **size_inputs(832, 480, 81),
+                **image_inputs(),
             },
             "optional": {
                 "end_image": ("IMAGE", {"tooltip": "FLF2V only: the last frame of the video (the last image of a "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import host
-from .conditioning import size_inputs
+from .conditioning import IMAGE_EMBEDS_TOOLTIP, TEXT_EMBEDS_TOOLTIP, image_inputs
 from .types import DIT, MAX_SHIFT, TEXT_EMBEDS, VIDEO_EMBEDS, check_size
 
 __all__ = ["WanCoreTextEmbedsFromConditioning", "WanCoreImageEmbedsFromCore", "WanCoreDiTToModel",
@@ -49,7 +49,7 @@ class WanCoreTextEmbedsFromConditioning:
     FUNCTION = "convert"
     RETURN_TYPES = (TEXT_EMBEDS,)
     RETURN_NAMES = ("text_embeds",)
-    OUTPUT_TOOLTIPS = ("Prompt and negative prompt embeddings, for WanCore Sampler.",)
+    OUTPUT_TOOLTIPS = (TEXT_EMBEDS_TOOLTIP,)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -81,7 +81,7 @@ class WanCoreImageEmbedsFromCore:
     FUNCTION = "encode"
     RETURN_TYPES = (VIDEO_EMBEDS,)
     RETURN_NAMES = ("video_embeds",)
-    OUTPUT_TOOLTIPS = ("Image conditioning and video size, for WanCore Sampler with an I2V or FLF2V model.",)
+    OUTPUT_TOOLTIPS = (IMAGE_EMBEDS_TOOLTIP,)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -90,8 +90,7 @@ class WanCoreImageEmbedsFromCore:
                 "vae": ("VAE", {"tooltip": "Core Load VAE with the Wan 2.1 VAE (wan_2.1_vae)."}),
                 "clip_vision_output": ("CLIP_VISION_OUTPUT", {
                     "tooltip": "CLIPVisionEncode of the start image, crop none (penultimate hidden states)."}),
-                "start_image": ("IMAGE", {"tooltip": "The first frame of the video (the first image of a batch)."}),
-                **size_inputs(832, 480, 81),
+                **image_inputs(),
             },
             "optional": {
                 "end_image": ("IMAGE", {"tooltip": "FLF2V only: the last frame (the last image of a batch)."}),
@@ -157,4 +156,14 @@ class WanCoreDiTToModel:
         }}
 
     def convert(self, model, shift: float):
+        from ..wan_core.layers import weight_storage
+
+        storage = weight_storage(model.model)
+        if storage != "float":
+            # core LoRA / model patches rewrite weights in place as plain floats: on fp8 (with its
+            # scales) or GGUF blocks that would silently corrupt the model
+            raise ValueError(f"WanCore DiT To Model needs a DiT stored as bf16 / fp16 / fp32, but this one is "
+                             f"stored as {storage}: core LoRA and model-patching nodes would corrupt its weights. "
+                             "Load it with weight_dtype bf16 (fp8 files) or use WanCore Sampler, which runs fp8 "
+                             "and GGUF models with WanCore LoRA Loader.")
         return (host.core_model(model.model, shift),)

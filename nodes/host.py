@@ -17,7 +17,10 @@ What the host gets from us:
   ``--gpu-only`` / ``--cpu`` arrive as :func:`vram_mode` and the devices;
 - one ProgressBar tick per sampling step and per decoded latent frame, with a latent
   preview when the server runs with ``--preview-method``; every tick also delivers a
-  pending ``/interrupt``, and the sampler checks it before every model evaluation.
+  pending ``/interrupt``, and the sampler checks it before every model evaluation;
+- our DiT as a core ``MODEL`` (:func:`core_model`, WanCore DiT To Model): a ModelPatcher
+  the host loads, patches (core LoRA) and unloads like its own; before our own sampling
+  stage :func:`release_from_core` gives the DiT back unpatched.
 """
 from __future__ import annotations
 

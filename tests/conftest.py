@@ -36,10 +36,7 @@ def one_thread():
 def tiny_vae():
     """The tiny Wan VAE (tests/tiny.py) with the factory's weights for seed 7, built on meta."""
     import factory
-    from tiny import TINY_VAE
+    from tiny import TINY_VAE, built
     from wan_core.vae import WanVAE
 
-    with torch.device("meta"):
-        model = WanVAE(TINY_VAE)
-    model.load_state_dict(factory.vae_official(TINY_VAE, 7), strict=True, assign=True)
-    return model.eval()
+    return built(WanVAE, TINY_VAE, factory.vae_official(TINY_VAE, 7))

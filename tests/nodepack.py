@@ -7,13 +7,17 @@ Tests do the same under the name ``wancore_pack``; the engine is then
 call the nodes compare against ``pack.wan_core`` (and its classes).
 
 ``folder_paths`` is ComfyUI's module; :func:`fake_folder_paths` builds a stand-in that
-lists files of a ``{key: folder}`` mapping.
+lists files of a ``{key: folder}`` mapping, :func:`using_folders` installs it for a block.
+:func:`selftest_model_folders` / :func:`load_selftest_models` give the node tests the tiny
+random selftest models, in model folders and loaded through the loader nodes.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,3 +60,60 @@ def fake_folder_paths(folders: dict[str, Path]) -> types.ModuleType:
     mod.get_filename_list = get_filename_list
     mod.get_full_path = get_full_path
     return mod
+
+
+@contextlib.contextmanager
+def using_folders(folders: dict[str, Path]) -> Iterator[None]:
+    """``sys.modules["folder_paths"]`` is :func:`fake_folder_paths` of ``folders`` inside the block."""
+    saved = sys.modules.get("folder_paths")
+    sys.modules["folder_paths"] = fake_folder_paths(folders)
+    try:
+        yield
+    finally:
+        if saved is None:
+            sys.modules.pop("folder_paths", None)
+        else:
+            sys.modules["folder_paths"] = saved
+
+
+def selftest_model_folders(pack, root: Path, extra: Sequence[str] = ()) -> dict[str, Path]:
+    """The selftest checkpoints (tiny random T2V / I2V DiTs, VAE, umT5, CLIP vision) moved into
+    ComfyUI model folders under ``root`` (``{key: folder}``); ``extra``: more, empty, folders."""
+    paths = pack.wan_core.selftest.write_selftest_models(root / "all")
+    folders = {k: root / k for k in ("diffusion_models", "vae", "text_encoders", "clip_vision", *extra)}
+    for folder in folders.values():
+        folder.mkdir()
+    for key, path in (("diffusion_models", paths.dit_t2v), ("diffusion_models", paths.dit_i2v),
+                      ("vae", paths.vae), ("text_encoders", paths.text_encoder), ("clip_vision", paths.clip_vision)):
+        path.rename(folders[key] / path.name)
+    return folders
+
+
+def load_selftest_models(pack, folders: dict[str, Path]) -> types.SimpleNamespace:
+    """The models of :func:`selftest_model_folders` loaded by the loader nodes in float32:
+    ``t2v``, ``i2v`` (DIT socket values), ``vae``, ``te``, ``clip``."""
+    n = pack.nodes
+    with using_folders(folders):
+        return types.SimpleNamespace(
+            t2v=n.WanCoreLoadDiT().load("wan_tiny_t2v.safetensors", "fp32", "sdpa")[0],
+            i2v=n.WanCoreLoadDiT().load("wan_tiny_i2v.safetensors", "fp32", "sdpa")[0],
+            vae=n.WanCoreLoadVAE().load("wan_tiny_vae.safetensors", "fp32")[0],
+            te=n.WanCoreLoadTextEncoder().load("umt5_tiny.safetensors", "fp32")[0],
+            clip=n.WanCoreLoadCLIPVision().load("clip_vision_tiny.safetensors", "fp32")[0])
+
+
+def write_tiny_lora(path: Path, dit, seed: int = 5, extra: dict | None = None) -> Path:
+    """A random rank-2 LoRA on ``blocks.0.self_attn.q`` and ``blocks.1.ffn.0`` of the tiny DiT
+    ``dit`` (ComfyUI keys: ``diffusion_model.<name>.lora_down/up.weight``), plus the tensors
+    of ``extra``, written to ``path``."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.0"):
+        out_f, in_f = dit.get_submodule(name).weight.shape
+        sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(2, in_f, generator=g)
+        sd[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_f, 2, generator=g) * 0.5
+    save_file({**sd, **(extra or {})}, str(path))
+    return Path(path)

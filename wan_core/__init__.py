@@ -48,6 +48,13 @@ The run plan (one for generate(), the CLI and the nodes)::
 The whole job::
 
     generate(dit=..., vae=..., text_encoder=..., prompt=..., ...) -> frames [T, H, W, 3] in 0..1
+
+Wan 2.2 (A14B two-expert T2V / I2V, TI2V-5B with the 48-channel Wan 2.2 VAE)::
+
+    pair = load_expert_pair("Wan2.2-T2V-A14B/")          # or two files / transformer + transformer_2
+    generate_a14b(experts=pair, vae=..., text_encoder=..., prompt=..., image=None) -> frames
+    sample(pair.high, ..., moe=MoESampling(pair.low, MOE_T2V_A14B))    # expert switch at t >= 875
+    generate_ti2v(dit=load_dit("wan2.2_ti2v_5B.safetensors"), vae=load_vae("wan2.2_vae.safetensors"), ...)
 """
 import logging
 
@@ -87,6 +94,7 @@ from .moe import (MOE_I2V_A14B, MOE_T2V_A14B, ExpertPair, ExpertRunner, MoEOptio
 from .conditioning22 import encode_image_latents
 from .loaders22 import check_vae_for_dit, expert_paths, load_expert_pair
 from .ti2v import TI2V_DEFAULTS, FirstFrameRunner, encode_ti2v_image, ti2v_latent_shape
+from .generate22 import generate_a14b, generate_ti2v
 
 __version__ = "0.1.0"
 
@@ -113,5 +121,6 @@ __all__ = [
     "MOE_T2V_A14B", "MOE_I2V_A14B", "encode_image_latents",
     "load_expert_pair", "expert_paths", "check_vae_for_dit", "TI2V_DEFAULTS", "FirstFrameRunner",
     "encode_ti2v_image", "ti2v_latent_shape",
+    "generate_a14b", "generate_ti2v",
     "__version__",
 ]

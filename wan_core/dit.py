@@ -550,7 +550,7 @@ class WanDiT(nn.Module):
                 raise ValueError(f"clip_fea must be [B={x.shape[0]}, {want if cfg.model_type == 'flf2v' else 'N'}, "
                                  f"{cfg.clip_dim}], got {tuple(clip_fea.shape)}")
         elif clip_fea is not None:
-            raise ValueError(f"{cfg.variant} is a text-to-video model and takes no clip_fea")
+            raise ValueError(f"{cfg.variant} has no CLIP image branch (a T2V model, or Wan 2.2) and takes no clip_fea")
 
 
 __all__ = ["WanDiT", "BlockInputs", "RopeOptions", "RIFLEX_K", "rope_frequencies", "PRECISION", "FP32_PARAMS",

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import fp8
 
-__all__ = ["CastLinear", "COMPUTE_DTYPES", "PrecisionPolicy", "enable_fp8_matmul"]
+__all__ = ["CastLinear", "COMPUTE_DTYPES", "PrecisionPolicy", "enable_fp8_matmul", "weight_storage"]
 
 # Dtypes a network may compute in; anything else (fp8) is storage only.
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,6 +49,18 @@ class CastLinear(nn.Linear):
                     return out
             return F.linear(x, fp8.dequantize(w, scale, x.dtype), bias)
         return F.linear(x, w.to(x.dtype), bias)
+
+
+def weight_storage(model: nn.Module) -> str:
+    """How ``model``'s Linear weights are stored: "gguf" (GGML blocks as uint8 bytes), "fp8"
+    (fp8, possibly with ``scale_weight``) or "float" (fp32 / bf16 / fp16). Code outside the
+    engine that rewrites weights in place (a host's LoRA patcher) is only correct for "float"."""
+    kinds = {m.weight.dtype for m in model.modules() if isinstance(m, CastLinear)}
+    if torch.uint8 in kinds:
+        return "gguf"
+    if any(fp8.is_fp8(d) for d in kinds):
+        return "fp8"
+    return "float"
 
 
 def enable_fp8_matmul(model: nn.Module, device: torch.device | str, enabled: bool = True) -> int:

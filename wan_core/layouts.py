@@ -1,6 +1,8 @@
 """What a checkpoint holds, from its keys and shapes alone, and how its keys map to ours.
 
-This is the one place where key names are converted. Internally every network uses the
+This module (with :mod:`wan_core.layouts_encoders` for umT5 and CLIP vision, and
+:mod:`wan_core.layouts22` for the Wan 2.2 VAE) is the one place where key names are
+converted; :func:`detect` is the single entry. Internally every network uses the
 official Wan 2.1 names (``blocks.0.self_attn.q.weight``); each published layout (official,
 ComfyUI ``model.diffusion_model.``-prefixed, ComfyUI/HF text encoder, HF CLIP vision,
 diffusers) is mapped to them by a :class:`Recipe` per internal tensor. Configs are inferred
@@ -155,6 +157,15 @@ def _dims(tf: TensorFile, key: str, rank: int, what: str = "") -> tuple[int, ...
     return s
 
 
+def _official_dims(tf: TensorFile, official: dict[str, str], key: str, rank: int, what: str,
+                   missing: str = "incomplete") -> tuple[int, ...]:
+    """:func:`_dims` of the file tensor that ``official`` (official name -> file key) maps the
+    official name ``key`` to; a file without it "looks like ``what``" but is ``missing``."""
+    if key not in official:
+        raise CheckpointError(f"{tf.path.name}: looks like {what} but lacks '{key}'; the file is {missing}.")
+    return _dims(tf, official[key], rank, what)
+
+
 def _layer_count(file: str, names: Iterable[str], prefix: str, limit: int, what: str) -> int:
     """Number of layers named ``<prefix><N>.``: N decimal, contiguous from 0, at most ``limit``."""
     found: set[int] = set()
@@ -267,10 +278,7 @@ def _detect_dit(tf: TensorFile, prefix: str) -> Detected:
     layout = "diffusers" if diffusers else ("comfy" if prefix else "official")
 
     def shape(name: str, rank: int) -> tuple[int, ...]:
-        if name not in official:
-            raise CheckpointError(f"{tf.path.name}: looks like a Wan DiT but lacks '{name}'; "
-                                  "the file is incomplete or of an unsupported variant.")
-        return _dims(tf, official[name], rank, "a Wan DiT")
+        return _official_dims(tf, official, name, rank, "a Wan DiT", "incomplete or of an unsupported variant")
 
     def mismatch(name: str, what: str) -> CheckpointError:
         return CheckpointError(f"{tf.path.name}: DiT tensor '{shown(official[name])}' has shape "
@@ -358,22 +366,36 @@ def _vace_config(tf: TensorFile, official: dict[str, str], shape, model_type: st
 # VAE
 
 
-def _vae_key_from_diffusers(k: str, nrb: int) -> str:
-    """Official name of a diffusers ``AutoencoderKLWan`` key."""
-    fixed = {"quant_conv": "conv1", "post_quant_conv": "conv2", "encoder.conv_in": "encoder.conv1",
-             "decoder.conv_in": "decoder.conv1", "encoder.norm_out": "encoder.head.0",
-             "encoder.conv_out": "encoder.head.2", "decoder.norm_out": "decoder.head.0",
-             "decoder.conv_out": "decoder.head.2"}
+# diffusers AutoencoderKLWan -> official names: residual-block leaves, and the convs / norms
+# outside the stages (the same in the Wan 2.1 and Wan 2.2 VAEs)
+_VAE_RES_NAMES = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
+                  "conv_shortcut": "shortcut"}
+_VAE_FIXED_NAMES = {"quant_conv": "conv1", "post_quant_conv": "conv2", "encoder.conv_in": "encoder.conv1",
+                    "decoder.conv_in": "decoder.conv1", "encoder.norm_out": "encoder.head.0",
+                    "encoder.conv_out": "encoder.head.2", "decoder.norm_out": "decoder.head.0",
+                    "decoder.conv_out": "decoder.head.2"}
+
+
+def _vae_common_key_from_diffusers(k: str) -> str | None:
+    """Official name of a diffusers Wan VAE key outside the down / up stages (the fixed convs
+    and norms, the middle blocks), named alike in Wan 2.1 and Wan 2.2; None for other keys."""
     head, _, leaf = k.rpartition(".")
-    if head in fixed:
-        return f"{fixed[head]}.{leaf}"
-    res = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
-           "conv_shortcut": "shortcut"}
+    if head in _VAE_FIXED_NAMES:
+        return f"{_VAE_FIXED_NAMES[head]}.{leaf}"
     m = re.match(r"^(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(\w+)\.(.+)$", k)
     if m:
-        idx = 2 * int(m[3]) if m[2] == "resnets" else 1
-        sub = res.get(m[4], m[4]) if m[2] == "resnets" else m[4]
-        return f"{m[1]}.middle.{idx}.{sub}.{m[5]}"
+        if m[2] == "attentions":
+            return f"{m[1]}.middle.1.{m[4]}.{m[5]}"
+        return f"{m[1]}.middle.{2 * int(m[3])}.{_VAE_RES_NAMES.get(m[4], m[4])}.{m[5]}"
+    return None
+
+
+def _vae_key_from_diffusers(k: str, nrb: int) -> str:
+    """Official name of a diffusers ``AutoencoderKLWan`` key."""
+    common = _vae_common_key_from_diffusers(k)
+    if common is not None:
+        return common
+    res = _VAE_RES_NAMES
     m = re.match(r"^encoder\.down_blocks\.(\d+)\.(\w+)\.(.+)$", k)
     if m:
         return f"encoder.downsamples.{m[1]}.{res.get(m[2], m[2])}.{m[3]}"
@@ -403,9 +425,7 @@ def _detect_vae(tf: TensorFile, prefix: str) -> Detected:
         official = dict(bare)
 
     def shape(key: str, rank: int) -> tuple[int, ...]:
-        if key not in official:
-            raise CheckpointError(f"{name}: looks like a Wan VAE but lacks '{key}'; the file is incomplete.")
-        return _dims(tf, official[key], rank, "a Wan VAE")
+        return _official_dims(tf, official, key, rank, "a Wan VAE")
 
     dim = shape("encoder.conv1.weight", 5)[0]
     z_dim = shape("conv2.weight", 5)[0]

@@ -29,27 +29,16 @@ def is_vae22(keys: Iterable[str]) -> bool:
     return any(k.endswith(_OFFICIAL_MARK) or k.endswith(_DIFFUSERS_MARK) for k in keys)
 
 
-_RES = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
-        "conv_shortcut": "shortcut"}
-_FIXED = {"quant_conv": "conv1", "post_quant_conv": "conv2", "encoder.conv_in": "encoder.conv1",
-          "decoder.conv_in": "decoder.conv1", "encoder.norm_out": "encoder.head.0",
-          "encoder.conv_out": "encoder.head.2", "decoder.norm_out": "decoder.head.0",
-          "decoder.conv_out": "decoder.head.2"}
-
-
 def vae22_key_from_diffusers(k: str, num_res_blocks: int) -> str:
     """Official name of a diffusers Wan 2.2 ``AutoencoderKLWan`` key (unknown keys unchanged)."""
-    head, _, leaf = k.rpartition(".")
-    if head in _FIXED:
-        return f"{_FIXED[head]}.{leaf}"
-    m = re.match(r"^(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(\w+)\.(.+)$", k)
-    if m:
-        if m[2] == "attentions":
-            return f"{m[1]}.middle.1.{m[4]}.{m[5]}"
-        return f"{m[1]}.middle.{2 * int(m[3])}.{_RES.get(m[4], m[4])}.{m[5]}"
+    from .layouts import _VAE_RES_NAMES, _vae_common_key_from_diffusers   # at call time: layouts imports this module
+
+    common = _vae_common_key_from_diffusers(k)
+    if common is not None:
+        return common
     m = re.match(r"^(encoder|decoder)\.(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(.+)$", k)
     if m:
-        return f"{m[1]}.{m[2]}samples.{m[3]}.{m[2]}samples.{m[4]}.{_RES.get(m[5], m[5])}.{m[6]}"
+        return f"{m[1]}.{m[2]}samples.{m[3]}.{m[2]}samples.{m[4]}.{_VAE_RES_NAMES.get(m[5], m[5])}.{m[6]}"
     m = re.match(r"^encoder\.down_blocks\.(\d+)\.downsampler\.(.+)$", k)
     if m:
         return f"encoder.downsamples.{m[1]}.downsamples.{num_res_blocks}.{m[2]}"
@@ -81,9 +70,7 @@ def detect_vae22(tf: TensorFile, keys: list[str]):
         official = dict(bare)
 
     def shape(key: str, rank: int) -> tuple[int, ...]:
-        if key not in official:
-            raise CheckpointError(f"{name}: looks like the Wan 2.2 VAE but lacks '{key}'; the file is incomplete.")
-        return helpers._dims(tf, official[key], rank, "the Wan 2.2 VAE")
+        return helpers._official_dims(tf, official, key, rank, "the Wan 2.2 VAE")
 
     dim, in_ch = shape("encoder.conv1.weight", 5)[:2]
     dec_dim4, z_dim = shape("decoder.conv1.weight", 5)[:2]

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 from .configs import CLIPVisionConfig, T5Config
 from .files import CheckpointError, TensorFile, shown
 from .layouts import (MAX_CLIP_LAYERS, MAX_T5_BLOCKS, Detected, Recipe, _dims, _is_extra, _layer_count,
-                      _quant_and_scales)
+                      _official_dims, _quant_and_scales)
 
 __all__ = ["detect_encoder"]
 
@@ -29,10 +30,7 @@ __all__ = ["detect_encoder"]
 
 def _t5_config(tf: TensorFile, official: dict[str, str]) -> T5Config:
     def shape(name: str) -> tuple[int, ...]:
-        if name not in official:
-            raise CheckpointError(f"{tf.path.name}: looks like a umT5 encoder but lacks '{name}'; "
-                                  "the file is incomplete.")
-        return _dims(tf, official[name], 2, "a umT5 encoder")
+        return _official_dims(tf, official, name, 2, "a umT5 encoder")
 
     vocab, dim = shape("token_embedding.weight")
     layers = _layer_count(tf.path.name, official, "blocks.", MAX_T5_BLOCKS, "umT5 block")
@@ -51,13 +49,21 @@ def _t5_config(tf: TensorFile, official: dict[str, str]) -> T5Config:
                     num_buckets=buckets)
 
 
-def _detect_t5_official(tf: TensorFile) -> Detected:
-    file_keys = [k for k in tf.keys() if not _is_extra(k) and k != "spiece_model"]
-    official = {k: k for k in file_keys}
+def _t5_detected(tf: TensorFile, layout: str, official: dict[str, str], ignored: Sequence[str] = (),
+                 unknown: Sequence[str] = (), what: str = "keys for a umT5 encoder") -> Detected:
+    """The umT5 :class:`Detected` of ``tf`` read through ``official`` (official name -> file
+    key); refuses the file when it holds ``unknown`` keys (``what`` names them in the error)."""
+    if unknown:
+        raise CheckpointError(f"{tf.path.name}: unexpected {what}: {', '.join(shown(k) for k in unknown[:8])}.")
     cfg = _t5_config(tf, official)
     quant, scales = _quant_and_scales(tf)
     tok = "spiece_model" if "spiece_model" in tf else None
-    return Detected("t5", "official", cfg, {k: Recipe((k,)) for k in official}, quant, scales, tok)
+    return Detected("t5", layout, cfg, {o: Recipe((f,)) for o, f in official.items()}, quant, scales,
+                    tok, tuple(ignored))
+
+
+def _detect_t5_official(tf: TensorFile) -> Detected:
+    return _t5_detected(tf, "official", {k: k for k in tf.keys() if not _is_extra(k) and k != "spiece_model"})
 
 
 _T5_HF_LAYER = {
@@ -92,14 +98,7 @@ def _detect_t5_hf(tf: TensorFile) -> Detected:
                 official[f"blocks.{m[1]}.{_T5_HF_LAYER[m[2]]}"] = k
             else:
                 unknown.append(k)
-    if unknown:
-        raise CheckpointError(f"{tf.path.name}: unexpected keys for a umT5 encoder: "
-                              f"{', '.join(shown(k) for k in unknown[:8])}.")
-    cfg = _t5_config(tf, official)
-    quant, scales = _quant_and_scales(tf)
-    tok = "spiece_model" if "spiece_model" in keys else None
-    return Detected("t5", "hf", cfg, {o: Recipe((f,)) for o, f in official.items()}, quant, scales,
-                    tok, tuple(ignored))
+    return _t5_detected(tf, "hf", official, ignored, unknown)
 
 
 # llama.cpp T5 names (umT5 GGUF files): "enc.blk.N.<name>" -> official "blocks.N.<name>".
@@ -130,14 +129,7 @@ def _detect_t5_gguf(tf: TensorFile) -> Detected:
             official[f"blocks.{m[1]}.{_T5_GGUF_LAYER[m[2]]}"] = k
         else:
             unknown.append(k)
-    if unknown:
-        raise CheckpointError(f"{tf.path.name}: unexpected tensors for a umT5 GGUF encoder: "
-                              f"{', '.join(shown(k) for k in unknown[:8])}.")
-    cfg = _t5_config(tf, official)
-    quant, scales = _quant_and_scales(tf)
-    tok = "spiece_model" if "spiece_model" in tf else None
-    return Detected("t5", "gguf", cfg, {o: Recipe((f,)) for o, f in official.items()}, quant, scales,
-                    tok, tuple(ignored))
+    return _t5_detected(tf, "gguf", official, ignored, unknown, "tensors for a umT5 GGUF encoder")
 
 
 # ---------------------------------------------------------------------------------------

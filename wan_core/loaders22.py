@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from .files import CheckpointError
-from .moe import ExpertPair, MoEOptions
+from .moe import ExpertPair
 
 __all__ = ["expert_paths", "load_expert_pair", "boundary_from_folder", "check_vae_for_dit"]
 

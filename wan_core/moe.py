@@ -232,7 +232,8 @@ class StagedRunner:
 
 
 @contextlib.contextmanager
-def expert_stages(high_plan, low_plan, options: MoEOptions = MOE_T2V_A14B) -> Iterator[tuple[StagedRunner, MoESampling]]:
+def expert_stages(high_plan, low_plan,
+                  options: MoEOptions = MOE_T2V_A14B) -> Iterator[tuple[StagedRunner, MoESampling]]:
     """Sample an A14B pair with one expert on the device at a time.
 
     ``high_plan`` / ``low_plan``: :func:`wan_core.run_plan.prepare_run` of each expert for the

@@ -28,6 +28,7 @@ from .fp8 import is_fp8
 from .guidance import GuidanceOptions, guide
 from .limits import (MAX_FRAMES, MAX_SIZE, check_cfg, check_denoise, check_run_arguments, check_sampler, check_seed,
                      check_shift, check_steps)
+from .loaders22 import check_vae_for_dit
 from .moe import MoESampling
 from .run_plan import Job, RunOptions, prepare_run, text_encoder_stage
 from .runner import DiTRunner
@@ -343,7 +344,9 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
     to the official values for the model type. Sizes are checked before any model runs.
     ``prompt_cache``: a :class:`~wan_core.text_cache.PromptCache`; prompts found there run no
     text encoder (and, given as a path, load none). A text encoder loaded here from a path is
-    dropped right after encoding, before sampling.
+    dropped right after encoding, before sampling; when the DiT is a path too, the DiT is read
+    only after that (its header gives the checks and defaults first), so the two never rest
+    in RAM together.
 
     Memory and speed go through one :func:`wan_core.run_plan.prepare_run` plan on ``device``:
     ``options`` (:class:`~wan_core.run_plan.RunOptions`: VRAM budget, resident blocks, text
@@ -382,6 +385,9 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
     dit_det = _dit_header(dit, options, offload)
     dit_cfg = dit.cfg if dit_det is None else dit_det.config
     kind = dit_cfg.model_type
+    if kind in ("ti2v", "i2v_noclip"):   # Wan 2.2: their own one-call jobs (wan_core.generate22)
+        raise ValueError(f"{dit_cfg.variant} is a Wan 2.2 model: run it with wan_core.generate_ti2v (TI2V-5B) or "
+                         "wan_core.generate_a14b with both experts (I2V-A14B); generate() runs Wan 2.1 models.")
     if extend is not None:
         if video is not None:
             raise ValueError("extend (continue a video) and video (video-to-video) cannot be combined.")
@@ -441,6 +447,8 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
     # the VAE and CLIP are loaded (resting on the CPU) before the plan, so it sizes their stages
     # too and refuses a budget too small for them before any model runs
     vae = _load("vae", vae, offload)
+    if hasattr(vae, "config"):   # a Wan 2.1 DiT with the Wan 2.2 VAE (or the reverse): refused before any run
+        check_vae_for_dit(dit_cfg, vae)
     clip = _load("clip", clip_vision, offload) if img is not None else None
     encodes = img is not None or video is not None or extend is not None or bool(dit_cfg.vace_layers)
     job = Job(width, height, frames, settings.steps, encode_video=encodes)   # what is encoded and decoded

@@ -227,6 +227,16 @@ def dequantize(data: Tensor, qtype: str, shape: tuple[int, ...], dtype: torch.dt
 # --------------------------------------------------------------------------- layers
 
 
+def _raw_rows(qtype: str, rows: int, row_len: int, what: str, device) -> nn.Parameter:
+    """The empty uint8 parameter of ``rows`` rows of ``row_len`` values stored as ``qtype``
+    blocks: ``[rows, row_len / block * type_size]``; ``what`` names ``row_len`` in the error."""
+    fmt = FORMATS[qtype]
+    if row_len % fmt.block:
+        raise ValueError(f"{qtype} needs rows that are a multiple of {fmt.block}; got {what}={row_len}")
+    return nn.Parameter(torch.empty(rows, fmt.row_bytes(row_len), dtype=torch.uint8, device=device),
+                        requires_grad=False)
+
+
 class QuantLinear(CastLinear):
     """Linear whose weight stays GGML-quantized: raw blocks dequantized at every call.
 
@@ -239,14 +249,11 @@ class QuantLinear(CastLinear):
     def __init__(self, in_features: int, out_features: int, qtype: str, bias: bool = True,
                  device: torch.device | str | None = None) -> None:
         nn.Module.__init__(self)    # not nn.Linear's: it would allocate a float weight
-        fmt = FORMATS[qtype]
-        if in_features % fmt.block:
-            raise ValueError(f"{qtype} needs rows that are a multiple of {fmt.block}; got in_features={in_features}")
+        weight = _raw_rows(qtype, out_features, in_features, "in_features", device)
         self.in_features = in_features
         self.out_features = out_features
         self.qtype = qtype
-        self.weight = nn.Parameter(torch.empty(out_features, fmt.row_bytes(in_features), dtype=torch.uint8,
-                                               device=device), requires_grad=False)
+        self.weight = weight
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False)
         else:
@@ -272,9 +279,7 @@ class QuantEmbedding(nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, qtype: str,
                  device: torch.device | str | None = None) -> None:
         nn.Module.__init__(self)
-        fmt = FORMATS[qtype]
-        if embedding_dim % fmt.block:
-            raise ValueError(f"{qtype} needs rows that are a multiple of {fmt.block}; got dim={embedding_dim}")
+        weight = _raw_rows(qtype, num_embeddings, embedding_dim, "dim", device)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = None
@@ -283,8 +288,7 @@ class QuantEmbedding(nn.Embedding):
         self.scale_grad_by_freq = False
         self.sparse = False
         self.qtype = qtype
-        self.weight = nn.Parameter(torch.empty(num_embeddings, fmt.row_bytes(embedding_dim), dtype=torch.uint8,
-                                               device=device), requires_grad=False)
+        self.weight = weight
 
     def forward(self, ids: Tensor) -> Tensor:
         rows = self.weight.index_select(0, ids.reshape(-1))

@@ -225,13 +225,11 @@ def encode_text(model: UMT5Encoder, tokenizer: UMT5Tokenizer, prompts: Sequence[
     """
     ids, mask = tokenizer(list(prompts))
     lengths = mask.gt(0).sum(dim=1).tolist()
-    # The padding after the longest prompt changes no real token's output (masked keys get
-    # exactly zero weight; tests/unit/test_text_encoder_parity.py), so it is not computed:
-    # 512 -> ~30 tokens for a usual prompt, the encoder's cost shrinks about as much.
-    n = max(lengths)
-    ids, mask = ids[:, :n].to(device), mask[:, :n].to(device)
-    hidden = model(ids, mask)
-    return [h[:n] for h, n in zip(hidden, lengths)]
+    # The padding changes no real token's output (masked keys get exactly zero weight;
+    # tests/unit/test_text_encoder_parity.py), so it is not computed: each prompt runs alone
+    # at its own length (512 -> ~30 tokens for a usual prompt, the cost shrinks about as
+    # much), which also keeps a prompt's numbers independent of what it is batched with.
+    return [model(row[None, :n].to(device))[0] for row, n in zip(ids, lengths)]
 
 
 __all__ = ["UMT5Encoder", "encode_text", "relative_position_buckets", "PRECISION", "FP32_PARAMS", "keeps_fp32"]

@@ -312,6 +312,29 @@ def _run(layers: Iterable[nn.Module], x: Tensor, cache: FeatureCache | None) -> 
     return x
 
 
+def residual_stage(in_dim: int, out_dim: int, count: int, resample: str | None = None,
+                   resample_class: type[Resample] = Resample) -> list[nn.Module]:
+    """``count`` residual blocks (the first maps ``in_dim`` -> ``out_dim``), then a
+    ``resample_class(out_dim, resample)`` unless ``resample`` is None; created in this order."""
+    blocks: list[nn.Module] = []
+    for _ in range(count):
+        blocks.append(ResidualBlock(in_dim, out_dim))
+        in_dim = out_dim
+    if resample is not None:
+        blocks.append(resample_class(out_dim, resample))
+    return blocks
+
+
+def middle_blocks(dim: int) -> nn.Sequential:
+    """The ``middle`` of an encoder or decoder: residual, attention, residual."""
+    return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
+
+
+def head_blocks(dim: int, out_dim: int) -> nn.Sequential:
+    """The ``head`` of an encoder or decoder: RMSNorm, SiLU, causal 3x3x3 conv."""
+    return nn.Sequential(RMSNorm(dim), nn.SiLU(inplace=True), CausalConv3d(dim, out_dim, 3, padding=1))
+
+
 # --------------------------------------------------------------------------- encoder / decoder
 
 class Encoder3d(nn.Module):
@@ -325,18 +348,12 @@ class Encoder3d(nn.Module):
         self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
         blocks: list[nn.Module] = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-            for _ in range(config.num_res_blocks):
-                blocks.append(ResidualBlock(in_dim, out_dim))
-                in_dim = out_dim
-            if i < len(config.dim_mult) - 1:
-                three_d = config.temporal_downsample[i]
-                blocks.append(Resample(out_dim, "downsample3d" if three_d else "downsample2d"))
+            down = None if i == len(config.dim_mult) - 1 else (
+                "downsample3d" if config.temporal_downsample[i] else "downsample2d")
+            blocks += residual_stage(in_dim, out_dim, config.num_res_blocks, down)
         self.downsamples = nn.Sequential(*blocks)
-        dim = dims[-1]
-        self.middle = nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim),
-                                    ResidualBlock(dim, dim))
-        self.head = nn.Sequential(RMSNorm(dim), nn.SiLU(inplace=True),
-                                  CausalConv3d(dim, config.z_dim * 2, 3, padding=1))
+        self.middle = middle_blocks(dims[-1])
+        self.head = head_blocks(dims[-1], config.z_dim * 2)
 
     def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
         if cache is not None:
@@ -355,20 +372,14 @@ class Decoder3d(nn.Module):
         dims = [config.dim * m for m in (config.dim_mult[-1], *config.dim_mult[::-1])]
         temporal_upsample = config.temporal_downsample[::-1]
         self.conv1 = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
-        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
-                                    ResidualBlock(dims[0], dims[0]))
+        self.middle = middle_blocks(dims[0])
         blocks: list[nn.Module] = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-            if i > 0:
-                in_dim //= 2
-            for _ in range(config.num_res_blocks + 1):
-                blocks.append(ResidualBlock(in_dim, out_dim))
-                in_dim = out_dim
-            if i < len(config.dim_mult) - 1:
-                blocks.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
+            up = None if i == len(config.dim_mult) - 1 else (
+                "upsample3d" if temporal_upsample[i] else "upsample2d")
+            blocks += residual_stage(in_dim // 2 if i > 0 else in_dim, out_dim, config.num_res_blocks + 1, up)
         self.upsamples = nn.Sequential(*blocks)
-        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(inplace=True),
-                                  CausalConv3d(dims[-1], 3, 3, padding=1))
+        self.head = head_blocks(dims[-1], 3)
 
     def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
         if cache is not None:
@@ -378,14 +389,15 @@ class Decoder3d(nn.Module):
 
 # --------------------------------------------------------------------------- latent scaling
 
-def _latent_stats(z: Tensor) -> tuple[Tensor, Tensor]:
-    if z.shape[1] != len(VAE_LATENT_MEAN):
-        raise ValueError(f"latent normalisation is published for {len(VAE_LATENT_MEAN)} channels; "
+def _latent_stats(z: Tensor, mean: tuple[float, ...] = VAE_LATENT_MEAN, std: tuple[float, ...] = VAE_LATENT_STD,
+                  label: str = "latent") -> tuple[Tensor, Tensor]:
+    """The published per-channel ``mean``/``std`` as tensors broadcasting over ``z``'s channels."""
+    if z.shape[1] != len(mean):
+        raise ValueError(f"{label} normalisation is published for {len(mean)} channels; "
                          f"got {z.shape[1]} (use normalize=False for a custom VAE)")
     shape = (1, -1) + (1,) * (z.dim() - 2)
-    mean = torch.tensor(VAE_LATENT_MEAN, device=z.device, dtype=z.dtype).view(shape)
-    std = torch.tensor(VAE_LATENT_STD, device=z.device, dtype=z.dtype).view(shape)
-    return mean, std
+    return (torch.tensor(mean, device=z.device, dtype=z.dtype).view(shape),
+            torch.tensor(std, device=z.device, dtype=z.dtype).view(shape))
 
 
 def normalize_latents(z: Tensor) -> Tensor:
@@ -402,26 +414,36 @@ def denormalize_latents(z: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- the VAE
 
-class WanVAE(nn.Module):
-    """The Wan 2.1 VAE, built from a :class:`VAEConfig` (constructible on the meta device,
-    no buffers). Stride (4, 8, 8): ``4n+1`` pixel frames <-> ``n+1`` latent frames."""
+class CausalVAE(nn.Module):
+    """What the Wan 2.1 and 2.2 VAEs share: ``encoder``, the 1x1x1 ``conv1`` (to mean and
+    log-variance) and ``conv2``, ``decoder`` (in this order, as in the checkpoints), chunked
+    encode/decode through a :class:`FeatureCache`, NaN/Inf checks and the input checks.
+    Subclasses name their encoder/decoder classes, latent normalisation and the pixel <->
+    network-input maps (identity for Wan 2.1, patchify for Wan 2.2). No buffers."""
 
     # Precision policy as data: parameter-name fragments kept in fp32 whatever the storage
     # dtype. None: the VAE computes in its parameters' dtype (RMSNorm reduces in fp32).
     _keep_in_fp32_modules: tuple[str, ...] = ()
     checkpoint_report: LoadReport | None   # what the loader read (None when built directly)
+    encoder_class: type[nn.Module]
+    decoder_class: type[nn.Module]
+    time_stride: int = TIME_STRIDE
+    space_stride: int = SPATIAL_STRIDE
+    _label = "VAE"                         # NonFiniteError messages
+    _frames_hint = ""                      # ValueError message details
+    _size_hint = ""
 
-    def __init__(self, config: VAEConfig) -> None:
+    def __init__(self, config) -> None:
         super().__init__()
         if len(config.temporal_downsample) != len(config.dim_mult) - 1:
-            raise ValueError(f"VAEConfig: temporal_downsample needs {len(config.dim_mult) - 1} "
+            raise ValueError(f"{type(config).__name__}: temporal_downsample needs {len(config.dim_mult) - 1} "
                              f"entries for dim_mult={config.dim_mult}")
         self.config = config
         self.checkpoint_report = None
-        self.encoder = Encoder3d(config)
+        self.encoder = self.encoder_class(config)
         self.conv1 = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
-        self.decoder = Decoder3d(config)
+        self.decoder = self.decoder_class(config)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -431,30 +453,47 @@ class WanVAE(nn.Module):
     def device(self) -> torch.device:
         return self.conv2.weight.device
 
+    def normalize(self, z: Tensor) -> Tensor:
+        """Raw latents -> the DiT's normalised space (published mean/std)."""
+        return normalize_latents(z)
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        return denormalize_latents(z)
+
+    def _to_network(self, video: Tensor) -> Tensor:
+        return video
+
+    def _from_network(self, pixels: Tensor) -> Tensor:
+        return pixels
+
+    def _channel_hint(self, channels: int) -> str:
+        return ""
+
     # ---- one chunk of a stream (the building blocks for tiling and streaming)
 
     def encode_chunk(self, video: Tensor, cache: FeatureCache) -> Tensor:
         """Next pixel frames of a stream ``[B, 3, t, H, W]`` -> raw latent means
-        ``[B, z, t', H/8, W/8]``. The first chunk of a stream has 4k+1 frames (k+1 latent
+        ``[B, z, t', H/s, W/s]``. The first chunk of a stream has 4k+1 frames (k+1 latent
         frames), later chunks 4k frames (k latent frames). Raises
         :class:`~wan_core.errors.NonFiniteError` when the latents hold NaN/Inf."""
         video = video.to(self.device, self.dtype)
-        mu, _log_var = self.conv1(self.encoder(video, cache)).chunk(2, dim=1)
+        mu, _log_var = self.conv1(self.encoder(self._to_network(video), cache)).chunk(2, dim=1)
         if not all_finite(mu):  # NaN latents would condition the whole run on garbage
             cause = self._nonfinite_cause(video, "video or image given to the encoder")
-            raise NonFiniteError(f"VAE encode, chunk {cache.chunks}: the latents contain NaN/Inf. Likely cause: {cause}.")
+            raise NonFiniteError(f"{self._label} encode, chunk {cache.chunks}: the latents contain NaN/Inf. "
+                                 f"Likely cause: {cause}.")
         return mu
 
     def decode_chunk(self, latents: Tensor, cache: FeatureCache) -> Tensor:
         """Next raw (denormalised) latent frames of a stream ``[B, z, t, h, w]`` -> pixel
-        frames ``[B, 3, t_out, 8h, 8w]``, unclamped; t_out = 4t-3 for the first chunk of a
+        frames ``[B, 3, t_out, s*h, s*w]``, unclamped; t_out = 4t-3 for the first chunk of a
         stream, 4t after. Raises :class:`~wan_core.errors.NonFiniteError` (with the likely cause)
         when the frames hold NaN/Inf, so a broken VAE never yields a black video."""
         latents = latents.to(self.device, self.dtype)
-        pixels = self.decoder(self.conv2(latents), cache)
+        pixels = self._from_network(self.decoder(self.conv2(latents), cache))
         # checked before any clamp: clamping keeps NaN, which a video writer turns into black
         if not all_finite(pixels):
-            raise NonFiniteError(f"VAE decode, chunk {cache.chunks}: the decoded frames contain NaN/Inf. "
+            raise NonFiniteError(f"{self._label} decode, chunk {cache.chunks}: the decoded frames contain NaN/Inf. "
                                  f"Likely cause: {self._nonfinite_cause(latents, 'latents given to the decoder')}.")
         return pixels
 
@@ -474,57 +513,61 @@ class WanVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, video: Tensor, normalize: bool = True, *, chunk_frames: int = 4) -> Tensor:
-        """Video ``[B, 3, T, H, W]`` in -1..1 (T = 4n+1; H, W multiples of 8) -> latent means
-        ``[B, z, n+1, H/8, W/8]``, normalised with the published mean/std when ``normalize``.
+        """Video ``[B, 3, T, H, W]`` in -1..1 (T = 4n+1; H, W multiples of the space stride)
+        -> latent means ``[B, z, n+1, H/s, W/s]``, normalised with the published mean/std when
+        ``normalize``.
 
         Frame 0 is encoded alone, then ``chunk_frames`` (a multiple of 4; official 4) at a
         time, so memory is bounded by one chunk. Input is moved to the parameters' device
         and dtype chunk by chunk.
         """
-        b, c, t, h, w = _check_5d(video, "video")
-        if c != 3 or (t - 1) % TIME_STRIDE or h % SPATIAL_STRIDE or w % SPATIAL_STRIDE:
+        name = type(self).__name__
+        b, c, t, h, w = _check_5d(video, "video", name)
+        ts, ss = self.time_stride, self.space_stride
+        if c != 3 or (t - 1) % ts or h % ss or w % ss:
             raise ValueError(
-                f"WanVAE.encode: video has shape {tuple(video.shape)}; expected [B, 3, T, H, W] "
-                f"with T = 4n+1 (1, 5, 9, ...) and H, W multiples of {SPATIAL_STRIDE}. "
+                f"{name}.encode: video has shape {tuple(video.shape)}; expected [B, 3, T, H, W] "
+                f"with T = {ts}n+1{self._frames_hint} and H, W multiples of {ss}{self._size_hint}. "
                 "Trim or pad the frames and resize before encoding.")
-        if chunk_frames < TIME_STRIDE or chunk_frames % TIME_STRIDE:
-            raise ValueError(f"chunk_frames must be a positive multiple of 4; got {chunk_frames}")
+        if chunk_frames < ts or chunk_frames % ts:
+            raise ValueError(f"chunk_frames must be a positive multiple of {ts}; got {chunk_frames}")
         cache = FeatureCache()
         bounds = [0, *range(1, t, chunk_frames), t]  # [0, 1, 1+c, 1+2c, ..., t]
         mu = torch.cat([self.encode_chunk(video[:, :, start:stop], cache)
                         for start, stop in zip(bounds[:-1], bounds[1:])], dim=2)
-        return normalize_latents(mu) if normalize else mu
+        return self.normalize(mu) if normalize else mu
 
     @torch.no_grad()
     def iter_decode(self, latents: Tensor, normalized: bool = True, *,
                     latent_frames_per_chunk: int = 1) -> Iterator[Tensor]:
-        """Yield decoded pixel frames ``[B, 3, n, 8h, 8w]`` in -1..1, one chunk per
+        """Yield decoded pixel frames ``[B, 3, n, s*h, s*w]`` in -1..1, one chunk per
         ``latent_frames_per_chunk`` latent frames (official: 1; n = 1 for the first latent
         frame, 4 per later one). Only one chunk and the feature cache live at a time; the
         generator can be paused between chunks and several can run side by side."""
-        _b, c, t, _h, _w = _check_5d(latents, "latents")
+        name = type(self).__name__
+        _b, c, t, _h, _w = _check_5d(latents, "latents", name)
         if c != self.config.z_dim:
-            raise ValueError(f"WanVAE.decode: latents have {c} channels; this VAE has "
-                             f"z_dim={self.config.z_dim}")
+            raise ValueError(f"{name}.decode: latents have {c} channels; this VAE has "
+                             f"z_dim={self.config.z_dim}" + self._channel_hint(c))
         if latent_frames_per_chunk < 1:
             raise ValueError(f"latent_frames_per_chunk must be >= 1; got {latent_frames_per_chunk}")
         cache = FeatureCache()
         for start in range(0, t, latent_frames_per_chunk):
             z = latents[:, :, start:start + latent_frames_per_chunk].to(self.device, self.dtype)
             if normalized:
-                z = denormalize_latents(z)
+                z = self.denormalize(z)
             yield self.decode_chunk(z, cache).clamp_(-1.0, 1.0)
 
     @torch.no_grad()
     def decode(self, latents: Tensor, normalized: bool = True,
                on_frame: Callable[[int, int], None] | None = None) -> Tensor:
         """Latents ``[B, z, T', h, w]`` (normalised when ``normalized``) -> video
-        ``[B, 3, 4T'-3, 8h, 8w]`` clamped to -1..1, on the parameters' device and dtype.
+        ``[B, 3, 4T'-3, s*h, s*w]`` clamped to -1..1, on the parameters' device and dtype.
         Decodes one latent frame at a time and calls ``on_frame(done, total)`` after each
         (done = 1..T'); raising from it aborts the decode."""
-        b, _c, t, h, w = _check_5d(latents, "latents")
-        out = torch.empty(b, 3, TIME_STRIDE * t - 3, h * SPATIAL_STRIDE, w * SPATIAL_STRIDE,
-                          device=self.device, dtype=self.dtype)
+        b, _c, t, h, w = _check_5d(latents, "latents", type(self).__name__)
+        ts, ss = self.time_stride, self.space_stride
+        out = torch.empty(b, 3, ts * (t - 1) + 1, h * ss, w * ss, device=self.device, dtype=self.dtype)
         filled = 0
         for done, frames in enumerate(self.iter_decode(latents, normalized), start=1):
             out[:, :, filled:filled + frames.shape[2]] = frames
@@ -534,13 +577,22 @@ class WanVAE(nn.Module):
         return out
 
 
-def _check_5d(x: Tensor, name: str) -> tuple[int, int, int, int, int]:
+class WanVAE(CausalVAE):
+    """The Wan 2.1 VAE, built from a :class:`VAEConfig` (constructible on the meta device,
+    no buffers). Stride (4, 8, 8): ``4n+1`` pixel frames <-> ``n+1`` latent frames."""
+
+    encoder_class = Encoder3d
+    decoder_class = Decoder3d
+    _frames_hint = " (1, 5, 9, ...)"
+
+
+def _check_5d(x: Tensor, name: str, owner: str = "WanVAE") -> tuple[int, int, int, int, int]:
     if x.dim() != 5 or x.shape[2] == 0:
-        raise ValueError(f"WanVAE: {name} must be [B, C, T, H, W] with T >= 1; "
+        raise ValueError(f"{owner}: {name} must be [B, C, T, H, W] with T >= 1; "
                          f"got shape {tuple(x.shape)}")
     b, c, t, h, w = x.shape
     return b, c, t, h, w
 
 
-__all__ = ["WanVAE", "FeatureCache", "CausalConv3d", "Resample", "normalize_latents",
+__all__ = ["WanVAE", "CausalVAE", "FeatureCache", "CausalConv3d", "Resample", "normalize_latents",
            "denormalize_latents", "CACHE_T"]

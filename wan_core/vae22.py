@@ -1,8 +1,9 @@
 """Wan 2.2 causal 3D VAE (TI2V-5B): video ``[B, 3, 4n+1, H, W]`` in -1..1 <-> latents
 ``[B, 48, n+1, H/16, W/16]``.
 
-What differs from the Wan 2.1 VAE (:mod:`wan_core.vae`, whose layers and
-:class:`~wan_core.vae.FeatureCache` this module reuses):
+What differs from the Wan 2.1 VAE (:mod:`wan_core.vae`, whose layers,
+:class:`~wan_core.vae.FeatureCache` and chunked encode/decode in :class:`~wan_core.vae.CausalVAE`
+this module reuses):
 
 - a 2x2 **patchify** of the pixels into 12 channels before the encoder (and the inverse after
   the decoder), so the network's three spatial x2 resamples give 16x16 in all;
@@ -27,15 +28,12 @@ the meta device. Precision policy as :class:`~wan_core.vae.WanVAE`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from .errors import NonFiniteError, all_finite, describe_nonfinite_weights
-if TYPE_CHECKING:
-    from .checkpoint import LoadReport
-from .vae import AttentionBlock, CausalConv3d, FeatureCache, Resample, ResidualBlock, RMSNorm
+from .vae import (CausalConv3d, CausalVAE, FeatureCache, Resample, _latent_stats, _run, head_blocks, middle_blocks,
+                  residual_stage)
 
 PATCH = 2               # pixels per latent-network input position, each way (2x2 patchify)
 VAE22_TIME_STRIDE = 4
@@ -161,15 +159,6 @@ class Resample22(Resample):
             self.resample[1] = nn.Conv2d(dim, dim, 3, padding=1)
 
 
-_STREAMING = (CausalConv3d, ResidualBlock, AttentionBlock, Resample)
-
-
-def _run(layers: nn.Sequential, x: Tensor, cache: FeatureCache | None) -> Tensor:
-    for layer in layers:
-        x = layer(x, cache) if isinstance(layer, _STREAMING) else layer(x)
-    return x
-
-
 class DownResidualBlock(nn.Module):
     """Encoder stage: ``downsamples`` (residual blocks, then a resample unless last) plus the
     :class:`AvgDown3D` shortcut of the stage input."""
@@ -177,13 +166,8 @@ class DownResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, down: bool) -> None:
         super().__init__()
         self.avg_shortcut = AvgDown3D(in_dim, out_dim, 2 if temporal else 1, 2 if down else 1)
-        blocks: list[nn.Module] = []
-        for _ in range(num_res_blocks):
-            blocks.append(ResidualBlock(in_dim, out_dim))
-            in_dim = out_dim
-        if down:
-            blocks.append(Resample22(out_dim, "downsample3d" if temporal else "downsample2d"))
-        self.downsamples = nn.Sequential(*blocks)
+        mode = ("downsample3d" if temporal else "downsample2d") if down else None
+        self.downsamples = nn.Sequential(*residual_stage(in_dim, out_dim, num_res_blocks, mode, Resample22))
 
     def forward(self, x: Tensor, cache: FeatureCache | None) -> Tensor:
         return _run(self.downsamples, x, cache).add_(self.avg_shortcut(x))
@@ -196,13 +180,8 @@ class UpResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_blocks: int, temporal: bool, up: bool) -> None:
         super().__init__()
         self.avg_shortcut = DupUp3D(in_dim, out_dim, 2 if temporal else 1, 2) if up else None
-        blocks: list[nn.Module] = []
-        for _ in range(num_blocks):
-            blocks.append(ResidualBlock(in_dim, out_dim))
-            in_dim = out_dim
-        if up:
-            blocks.append(Resample22(out_dim, "upsample3d" if temporal else "upsample2d"))
-        self.upsamples = nn.Sequential(*blocks)
+        mode = ("upsample3d" if temporal else "upsample2d") if up else None
+        self.upsamples = nn.Sequential(*residual_stage(in_dim, out_dim, num_blocks, mode, Resample22))
 
     def forward(self, x: Tensor, cache: FeatureCache | None) -> Tensor:
         y = _run(self.upsamples, x, cache)
@@ -224,10 +203,8 @@ class Encoder3d(nn.Module):
             DownResidualBlock(cin, cout, config.num_res_blocks,
                               temporal=i < last and config.temporal_downsample[i], down=i < last)
             for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))))
-        dim = dims[-1]
-        self.middle = nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
-        self.head = nn.Sequential(RMSNorm(dim), nn.SiLU(inplace=True),
-                                  CausalConv3d(dim, config.z_dim * 2, 3, padding=1))
+        self.middle = middle_blocks(dims[-1])
+        self.head = head_blocks(dims[-1], config.z_dim * 2)
 
     def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
         if cache is not None:
@@ -248,14 +225,12 @@ class Decoder3d(nn.Module):
         temporal_upsample = config.temporal_downsample[::-1]
         last = len(config.dim_mult) - 1
         self.conv1 = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
-        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
-                                    ResidualBlock(dims[0], dims[0]))
+        self.middle = middle_blocks(dims[0])
         self.upsamples = nn.Sequential(*(
             UpResidualBlock(cin, cout, config.num_res_blocks + 1,
                             temporal=i < last and temporal_upsample[i], up=i < last)
             for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))))
-        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(inplace=True),
-                                  CausalConv3d(dims[-1], 3 * PATCH * PATCH, 3, padding=1))
+        self.head = head_blocks(dims[-1], 3 * PATCH * PATCH)
 
     def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
         if cache is not None:
@@ -268,60 +243,36 @@ class Decoder3d(nn.Module):
 
 # --------------------------------------------------------------------------- latent scaling
 
-def _latent_stats(z: Tensor) -> tuple[Tensor, Tensor]:
-    if z.shape[1] != len(VAE22_LATENT_MEAN):
-        raise ValueError(f"Wan 2.2 latent normalisation is published for {len(VAE22_LATENT_MEAN)} channels; "
-                         f"got {z.shape[1]} (use normalize=False for a custom VAE)")
-    shape = (1, -1) + (1,) * (z.dim() - 2)
-    mean = torch.tensor(VAE22_LATENT_MEAN, device=z.device, dtype=z.dtype).view(shape)
-    std = torch.tensor(VAE22_LATENT_STD, device=z.device, dtype=z.dtype).view(shape)
-    return mean, std
-
-
 def normalize_latents22(z: Tensor) -> Tensor:
     """Raw Wan 2.2 VAE latents ``[B, 48, T', h, w]`` -> the normalised space the DiT works in."""
-    mean, std = _latent_stats(z)
+    mean, std = _latent_stats(z, VAE22_LATENT_MEAN, VAE22_LATENT_STD, "Wan 2.2 latent")
     return (z - mean) / std
 
 
 def denormalize_latents22(z: Tensor) -> Tensor:
     """Inverse of :func:`normalize_latents22`."""
-    mean, std = _latent_stats(z)
+    mean, std = _latent_stats(z, VAE22_LATENT_MEAN, VAE22_LATENT_STD, "Wan 2.2 latent")
     return z * std + mean
 
 
 # --------------------------------------------------------------------------- the VAE
 
-class WanVAE22(nn.Module):
-    """The Wan 2.2 VAE, built from a :class:`VAE22Config`; the same methods as
-    :class:`~wan_core.vae.WanVAE` (encode/decode whole videos, ``encode_chunk`` /
-    ``decode_chunk`` / ``iter_decode`` for streaming and tiling) with stride (4, 16, 16)
-    and 48 latent channels. ``time_stride`` / ``space_stride`` say which."""
+class WanVAE22(CausalVAE):
+    """The Wan 2.2 VAE, built from a :class:`VAE22Config`; the methods of
+    :class:`~wan_core.vae.CausalVAE` / :class:`~wan_core.vae.WanVAE` (encode/decode whole
+    videos, ``encode_chunk`` / ``decode_chunk`` / ``iter_decode`` for streaming and tiling)
+    with stride (4, 16, 16), 48 latent channels and a 2x2 patchify around the network.
+    ``time_stride`` / ``space_stride`` say which."""
 
-    _keep_in_fp32_modules: tuple[str, ...] = ()
-    checkpoint_report: LoadReport | None   # what the loader read (None when built directly)
+    encoder_class = Encoder3d
+    decoder_class = Decoder3d
+    _label = "Wan 2.2 VAE"
+    _size_hint = " (the Wan 2.2 VAE compresses 16x16)"
 
     def __init__(self, config: VAE22Config) -> None:
-        super().__init__()
-        self.checkpoint_report = None
-        if len(config.temporal_downsample) != len(config.dim_mult) - 1:
-            raise ValueError(f"VAE22Config: temporal_downsample needs {len(config.dim_mult) - 1} "
-                             f"entries for dim_mult={config.dim_mult}")
-        self.config = config
+        super().__init__(config)
         self.time_stride = config.time_stride
         self.space_stride = config.space_stride
-        self.encoder = Encoder3d(config)
-        self.conv1 = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
-        self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
-        self.decoder = Decoder3d(config)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.conv2.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.conv2.weight.device
 
     def normalize(self, z: Tensor) -> Tensor:
         return normalize_latents22(z)
@@ -329,103 +280,15 @@ class WanVAE22(nn.Module):
     def denormalize(self, z: Tensor) -> Tensor:
         return denormalize_latents22(z)
 
-    # ---- one chunk of a stream
+    def _to_network(self, video: Tensor) -> Tensor:
+        return patchify(video)
 
-    def encode_chunk(self, video: Tensor, cache: FeatureCache) -> Tensor:
-        """Next pixel frames ``[B, 3, t, H, W]`` -> raw latent means ``[B, 48, t', H/16, W/16]``.
-        The first chunk of a stream has 4k+1 frames, later chunks 4k."""
-        video = video.to(self.device, self.dtype)
-        mu, _log_var = self.conv1(self.encoder(patchify(video), cache)).chunk(2, dim=1)
-        if not all_finite(mu):
-            cause = self._nonfinite_cause(video, "video or image given to the encoder")
-            raise NonFiniteError(f"Wan 2.2 VAE encode, chunk {cache.chunks}: the latents contain NaN/Inf. "
-                                 f"Likely cause: {cause}.")
-        return mu
+    def _from_network(self, pixels: Tensor) -> Tensor:
+        return unpatchify(pixels)
 
-    def decode_chunk(self, latents: Tensor, cache: FeatureCache) -> Tensor:
-        """Next raw latent frames ``[B, 48, t, h, w]`` -> pixel frames ``[B, 3, t_out, 16h, 16w]``,
-        unclamped; t_out = 4t-3 for the first chunk of a stream, 4t after."""
-        latents = latents.to(self.device, self.dtype)
-        pixels = unpatchify(self.decoder(self.conv2(latents), cache))
-        if not all_finite(pixels):
-            raise NonFiniteError(f"Wan 2.2 VAE decode, chunk {cache.chunks}: the decoded frames contain NaN/Inf. "
-                                 f"Likely cause: {self._nonfinite_cause(latents, 'latents given to the decoder')}.")
-        return pixels
-
-    def _nonfinite_cause(self, inputs: Tensor, what: str) -> str:
-        if not all_finite(inputs):
-            return f"the {what} already contain NaN/Inf (check the step that produced them)"
-        weights = describe_nonfinite_weights(self, "VAE")
-        if weights is not None:
-            return weights
-        if self.dtype == torch.float16:
-            return "fp16 overflows in the Wan VAE: load it in bf16 or fp32"
-        return (f"the {what} are far outside the range the VAE was trained on (an extreme cfg or shift, "
-                "or a latent from another model)")
-
-    # ---- whole videos
-
-    @torch.no_grad()
-    def encode(self, video: Tensor, normalize: bool = True, *, chunk_frames: int = 4) -> Tensor:
-        """Video ``[B, 3, T, H, W]`` in -1..1 (T = 4n+1; H, W multiples of 16) -> latent means
-        ``[B, 48, n+1, H/16, W/16]``, normalised with the published mean/std when ``normalize``.
-        Frame 0 alone, then ``chunk_frames`` (a multiple of 4; official 4) at a time."""
-        b, c, t, h, w = _check_5d(video, "video")
-        ts, ss = self.time_stride, self.space_stride
-        if c != 3 or (t - 1) % ts or h % ss or w % ss:
-            raise ValueError(
-                f"WanVAE22.encode: video has shape {tuple(video.shape)}; expected [B, 3, T, H, W] with "
-                f"T = {ts}n+1 and H, W multiples of {ss} (the Wan 2.2 VAE compresses 16x16). "
-                "Trim or pad the frames and resize before encoding.")
-        if chunk_frames < ts or chunk_frames % ts:
-            raise ValueError(f"chunk_frames must be a positive multiple of {ts}; got {chunk_frames}")
-        cache = FeatureCache()
-        bounds = [0, *range(1, t, chunk_frames), t]
-        mu = torch.cat([self.encode_chunk(video[:, :, start:stop], cache)
-                        for start, stop in zip(bounds[:-1], bounds[1:])], dim=2)
-        return normalize_latents22(mu) if normalize else mu
-
-    @torch.no_grad()
-    def iter_decode(self, latents: Tensor, normalized: bool = True, *,
-                    latent_frames_per_chunk: int = 1) -> Iterator[Tensor]:
-        """Yield decoded pixel frames ``[B, 3, n, 16h, 16w]`` in -1..1 per
-        ``latent_frames_per_chunk`` latent frames (official: 1)."""
-        _b, c, t, _h, _w = _check_5d(latents, "latents")
-        if c != self.config.z_dim:
-            raise ValueError(f"WanVAE22.decode: latents have {c} channels; this VAE has z_dim={self.config.z_dim}"
-                             + (" (16-channel latents come from a Wan 2.1 model: decode them with the Wan 2.1 VAE)"
-                                if c == 16 else ""))
-        if latent_frames_per_chunk < 1:
-            raise ValueError(f"latent_frames_per_chunk must be >= 1; got {latent_frames_per_chunk}")
-        cache = FeatureCache()
-        for start in range(0, t, latent_frames_per_chunk):
-            z = latents[:, :, start:start + latent_frames_per_chunk].to(self.device, self.dtype)
-            if normalized:
-                z = denormalize_latents22(z)
-            yield self.decode_chunk(z, cache).clamp_(-1.0, 1.0)
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor, normalized: bool = True,
-               on_frame: Callable[[int, int], None] | None = None) -> Tensor:
-        """Latents ``[B, 48, T', h, w]`` -> video ``[B, 3, 4T'-3, 16h, 16w]`` clamped to -1..1,
-        one latent frame at a time; ``on_frame(done, total)`` after each."""
-        b, _c, t, h, w = _check_5d(latents, "latents")
-        ts, ss = self.time_stride, self.space_stride
-        out = torch.empty(b, 3, ts * (t - 1) + 1, h * ss, w * ss, device=self.device, dtype=self.dtype)
-        filled = 0
-        for done, frames in enumerate(self.iter_decode(latents, normalized), start=1):
-            out[:, :, filled:filled + frames.shape[2]] = frames
-            filled += frames.shape[2]
-            if on_frame is not None:
-                on_frame(done, t)
-        return out
-
-
-def _check_5d(x: Tensor, name: str) -> tuple[int, int, int, int, int]:
-    if x.dim() != 5 or x.shape[2] == 0:
-        raise ValueError(f"WanVAE22: {name} must be [B, C, T, H, W] with T >= 1; got shape {tuple(x.shape)}")
-    b, c, t, h, w = x.shape
-    return b, c, t, h, w
+    def _channel_hint(self, channels: int) -> str:
+        return (" (16-channel latents come from a Wan 2.1 model: decode them with the Wan 2.1 VAE)"
+                if channels == 16 else "")
 
 
 __all__ = ["WanVAE22", "VAE22Config", "VAE22_LATENT_MEAN", "VAE22_LATENT_STD", "VAE22_LATENT_CHANNELS",

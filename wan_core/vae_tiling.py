@@ -152,14 +152,19 @@ def _blend_weights(plan: TilePlan, scale: int) -> list[list[Tensor]]:
 
 # --------------------------------------------------------------------------- memory estimates
 
-def _scale(config, dtype: torch.dtype) -> float:
-    return (config.dim / 96) * (torch.empty((), dtype=dtype).element_size() / 4)
+def _scale(config, dtype: torch.dtype, decoder: bool = False) -> float:
+    # The Wan 2.2 VAE (wan_core.vae22) runs at the same 8x8 positions per latent pixel (16x16
+    # pixels, 2x2 patchified) with its own widths (encoder 160, decoder dec_dim 256): scaled by
+    # width like a Wan 2.1 VAE of that width (an estimate, not measured).
+    width = getattr(config, "dec_dim", config.dim) if decoder else config.dim
+    return (width / 96) * (torch.empty((), dtype=dtype).element_size() / 4)
 
 
 def decode_activation_bytes(config, tile: tuple[int, int], dtype: torch.dtype = torch.float32) -> int:
     """Estimated peak bytes of decoder activations for one latent-frame chunk of a ``tile``
     (latent pixels), feature cache included; weights and the output video not included."""
-    return int(DECODE_BYTES_FIXED + DECODE_BYTES_PER_LATENT_PIXEL * _scale(config, dtype) * tile[0] * tile[1])
+    return int(DECODE_BYTES_FIXED + DECODE_BYTES_PER_LATENT_PIXEL * _scale(config, dtype, decoder=True)
+               * tile[0] * tile[1])
 
 
 def encode_activation_bytes(config, tile: tuple[int, int], dtype: torch.dtype = torch.float32) -> int:

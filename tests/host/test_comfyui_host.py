@@ -12,36 +12,22 @@ stopped at the end. Needs ``websocket-client`` for the progress events.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
-import uuid
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
-COMFYUI = os.environ.get("COMFYUI_PATH")
-if not COMFYUI:
-    pytest.skip("COMFYUI_PATH is not set (a ComfyUI checkout to test against)", allow_module_level=True)
-websocket = pytest.importorskip("websocket", reason="websocket-client is needed to follow the server's progress")
-pytestmark = pytest.mark.host
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hosttools  # noqa: E402
+from hosttools import API, FRAMES, ROOT, H, W, free_port, node_id, tiny, uses_core_loaders, video_frames  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-API = ROOT / "workflows" / "api"
-W = H = 32
-FRAMES = 5
-STARTUP_S, PROMPT_S = 120, 100
-TINY = {"WanCoreLoadDiT": ("model_name", "wan_tiny_t2v.safetensors"),
-        "WanCoreLoadVAE": ("vae_name", "wan_tiny_vae.safetensors"),
-        "WanCoreLoadTextEncoder": ("text_encoder_name", "umt5_tiny.safetensors"),
-        "WanCoreLoadCLIPVision": ("clip_name", "clip_vision_tiny.safetensors")}
+websocket = hosttools.require_comfyui()
+pytestmark = pytest.mark.host
 
 
 # A core-managed model for the memory test: a tiny custom node loads a ModelPatcher through
@@ -54,239 +40,30 @@ import comfy.model_patcher
 _HELD = []
 
 
-class HostProbeLoadModel:
-    RETURN_TYPES = ()
-    FUNCTION = "load"
-    OUTPUT_NODE = True
-    CATEGORY = "testing"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"size": ("INT", {"default": 64})}}
-
-    def load(self, size):
-        patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(size, size), load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
-        mm.load_models_gpu([patcher])
-        _HELD.append(patcher)
-        return {"ui": {"loaded": [len(mm.current_loaded_models)]}}
+@probe({"size": ("INT", {"default": 64})})
+def HostProbeLoadModel(size):
+    patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(size, size), load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    mm.load_models_gpu([patcher])
+    _HELD.append(patcher)
+    return {"ui": {"loaded": [len(mm.current_loaded_models)]}}
 
 
-class HostProbeLoadedModels:
-    RETURN_TYPES = ()
-    FUNCTION = "check"
-    OUTPUT_NODE = True
-    CATEGORY = "testing"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"nonce": ("INT", {"default": 0})}}
-
-    def check(self, nonce):
-        loaded = [any(m.model is p for m in mm.current_loaded_models) for p in _HELD]
-        return {"ui": {"loaded": loaded}}
+@probe({"nonce": ("INT", {"default": 0})})
+def HostProbeLoadedModels(nonce):
+    loaded = [any(m.model is p for m in mm.current_loaded_models) for p in _HELD]
+    return {"ui": {"loaded": loaded}}
 
 
-NODE_CLASS_MAPPINGS = {"HostProbeLoadModel": HostProbeLoadModel, "HostProbeLoadedModels": HostProbeLoadedModels}
+NODE_CLASS_MAPPINGS = mappings(HostProbeLoadModel, HostProbeLoadedModels)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _write_models(base: Path) -> None:
-    from wan_core.configs import DiTConfig
-    from wan_core.dit import WanDiT
-    from wan_core.selftest import SELFTEST_CONFIGS, _randomize, write_selftest_models
-    from safetensors.torch import save_file
-
-    paths = write_selftest_models(base / "tmp_models")
-    models = base / "models"
-    for key, path in (("diffusion_models", paths.dit_t2v), ("diffusion_models", paths.dit_i2v), ("vae", paths.vae),
-                      ("text_encoders", paths.text_encoder), ("clip_vision", paths.clip_vision)):
-        (models / key).mkdir(parents=True, exist_ok=True)
-        shutil.move(str(path), models / key / path.name)
-    i2v, clip = SELFTEST_CONFIGS["i2v"], SELFTEST_CONFIGS["clip"]
-    flf = DiTConfig(dim=i2v.dim, ffn_dim=i2v.ffn_dim, num_layers=i2v.num_layers, in_dim=36, text_dim=i2v.text_dim,
-                    freq_dim=i2v.freq_dim, model_type="flf2v", clip_dim=clip.width, image_pos_len=2 * clip.num_tokens)
-    with torch.device("meta"):
-        model = WanDiT(flf)
-    save_file({"model.diffusion_model." + k: v for k, v in _randomize(model, 5).items()},
-              str(models / "diffusion_models" / "wan_tiny_flf2v.safetensors"))
-    # a rank-2 LoRA on two Linears of the tiny T2V model (official names, diffusion_model. prefix)
-    with torch.device("meta"):
-        t2v = WanDiT(SELFTEST_CONFIGS["t2v"])
-    g = torch.Generator().manual_seed(6)
-    lora = {}
-    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.0"):
-        out_f, in_f = t2v.get_submodule(name).weight.shape
-        lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(2, in_f, generator=g)
-        lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_f, 2, generator=g) * 0.5
-    (models / "loras").mkdir(parents=True, exist_ok=True)
-    save_file(lora, str(models / "loras" / "wan_tiny_lora.safetensors"))
-
-
-def _write_inputs(base: Path) -> None:
-    from PIL import Image
-
-    from wan_core.video import write_mp4
-
-    inputs = base / "input"
-    inputs.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    Image.fromarray((torch.rand(48, 64, 3, generator=g) * 255).byte().numpy()).save(inputs / "example.png")
-    write_mp4(torch.rand(9, 48, 64, 3, generator=g), inputs / "example.mp4", fps=16)
-
-
-class Server:
-    def __init__(self, url: str, proc: subprocess.Popen, base: Path, log: Path):
-        self.url, self.proc, self.base, self.log = url, proc, base, log
-        self.client_id = str(uuid.uuid4())
-        self.ws = None
-        self.previews = 0  # binary preview frames received
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return json.loads(r.read())
-
-    def post(self, path: str, data: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                body = r.read()
-                return r.status, json.loads(body) if body else {}
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"{}")
-
-    def connect(self) -> None:
-        self.ws = websocket.create_connection(f"{self.url.replace('http', 'ws')}/ws?clientId={self.client_id}",
-                                              timeout=PROMPT_S)
-
-    def queue(self, prompt: dict) -> str:
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
-        assert status == 200, body
-        return body["prompt_id"]
-
-    def wait(self, prompt_id: str, on_event=None, timeout: float = PROMPT_S) -> list[dict]:
-        """Read events until the prompt ends; returns them (text messages only)."""
-        events, end = [], time.monotonic() + timeout
-        while time.monotonic() < end:
-            msg = self.ws.recv()
-            if isinstance(msg, bytes):
-                self.previews += 1
-                continue
-            event = json.loads(msg)
-            data = event.get("data", {})
-            if data.get("prompt_id") not in (None, prompt_id):
-                continue
-            events.append(event)
-            if on_event is not None:
-                on_event(event)
-            if event["type"] in ("execution_error", "execution_interrupted", "execution_success"):
-                return events
-            if event["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                return events
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s; log: {self.log}")
-
-    def run(self, prompt: dict) -> tuple[dict, list[dict]]:
-        prompt_id = self.queue(prompt)
-        events = self.wait(prompt_id)
-        end = time.monotonic() + 20
-        while True:  # the history entry is stored just after the last event is sent
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history or time.monotonic() > end:
-                return history[prompt_id], events
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy")
-    (base / "custom_nodes").mkdir()
-    os.symlink(ROOT, base / "custom_nodes" / "wan-core")
-    (base / "custom_nodes" / "host_probe.py").write_text(_PROBE)
-    _write_models(base)
-    _write_inputs(base)
-    port = _free_port()
-    log = base / "server.log"
-    cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
-           "--port", str(port), "--base-directory", str(base), "--disable-auto-launch",
-           "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(f"http://127.0.0.1:{port}", proc, base, log)
-    try:
-        end = time.monotonic() + STARTUP_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                srv.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.monotonic() > end:
-                    pytest.fail(f"ComfyUI did not answer in {STARTUP_S} s:\n{log.read_text()[-3000:]}")
-                time.sleep(1)
-        srv.connect()
+    base = hosttools.base_directory(tmp_path_factory.mktemp("comfy"), "host_probe.py", _PROBE)
+    with hosttools.comfyui(base, "--preview-method", "latent2rgb") as srv:
         yield srv
-    finally:
-        if srv.ws is not None:
-            srv.ws.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
-
-
-def tiny(name: str, steps: int = 2, seed: int | None = None, **changes) -> dict:
-    """An API workflow pointed at the tiny models and inputs, tiny sizes, ``steps`` steps."""
-    prompt = json.loads((API / f"{name}.json").read_text())
-    for node in prompt.values():
-        cls, inputs = node["class_type"], node["inputs"]
-        if cls in TINY:
-            key, value = TINY[cls]
-            inputs[key] = value
-        if cls == "WanCoreLoadDiT" and "i2v" in name:
-            inputs["model_name"] = "wan_tiny_i2v.safetensors"
-        if cls == "WanCoreLoadDiT" and "flf2v" in name:
-            inputs["model_name"] = "wan_tiny_flf2v.safetensors"
-        if cls in ("WanCoreEmptyVideoEmbeds", "WanCoreImageToVideoEncode", "ImageScale"):
-            inputs.update(width=W, height=H)
-            if "frames" in inputs:
-                inputs["frames"] = 1 if inputs["frames"] == 1 else FRAMES
-        if cls == "ImageFromBatch":
-            inputs["length"] = FRAMES
-        if cls == "WanCoreExtendVideo":   # FRAMES-frame clips overlapping by one
-            inputs.update(frames=FRAMES, overlap=1, steps=steps)
-        if cls == "WanCoreSampler":
-            inputs["steps"] = steps
-            # distinct per workflow: graphs that shrink to the same one still run (not cached)
-            inputs["seed"] = zlib.crc32(name.encode()) if seed is None else seed
-        if cls == "LoadImage":
-            inputs["image"] = "example.png"
-        if cls == "LoadVideo":
-            inputs["file"] = "example.mp4"
-    for node_id, values in changes.items():
-        prompt[node_id]["inputs"].update(values)
-    return prompt
-
-
-def _node(prompt: dict, cls: str) -> str:
-    return next(k for k, v in prompt.items() if v["class_type"] == cls)
-
-
-def _frames(server: Server, item: dict) -> torch.Tensor:
-    import av
-
-    path = server.base / "output" / item.get("subfolder", "") / item["filename"]
-    with av.open(str(path)) as f:
-        return torch.stack([torch.from_numpy(fr.to_ndarray(format="rgb24")) for fr in f.decode(video=0)])
 
 
 # ----------------------------------------------------------------------------------------- tests
@@ -318,12 +95,6 @@ def test_object_info_lists_every_node_with_the_workflows_widgets(server):
             assert len(node["widgets_values"]) == len(widgets), (path.stem, node["type"], widgets)
 
 
-def uses_core_loaders(path: Path) -> bool:
-    """Core Load CLIP / Load VAE build fixed full-size architectures and cannot read the tiny models:
-    tests/host/test_core_types.py runs those workflows with probes over the tiny files instead."""
-    return any(n["class_type"] in ("CLIPLoader", "VAELoader") for n in json.loads(path.read_text()).values())
-
-
 @pytest.mark.parametrize("name", sorted(p.stem for p in API.glob("*.json") if not uses_core_loaders(p)))
 def test_each_api_workflow_runs_on_tiny_models_and_saves_its_output(server, name):
     prompt = tiny(name)
@@ -331,23 +102,23 @@ def test_each_api_workflow_runs_on_tiny_models_and_saves_its_output(server, name
     errors = [e for e in events if e["type"] == "execution_error"]
     assert not errors, errors[0]["data"].get("exception_message")
     assert history["status"]["status_str"] == "success"
-    save = _node(prompt, "SaveImage" if "t2i" in name else "SaveVideo")
+    save = node_id(prompt, "SaveImage" if "t2i" in name else "SaveVideo")
     items = history["outputs"][save]["images"]
     assert len(items) == 1
     if "t2i" in name:
         assert items[0]["filename"].endswith(".png")
     else:
         assert history["outputs"][save].get("animated") == [True]
-        frames = _frames(server, items[0])
+        frames = video_frames(server, items[0])
         assert frames.shape == (FRAMES, H, W, 3)
-    progress = [e for e in events if e["type"] == "progress" and e["data"]["node"] == _node(prompt, "WanCoreSampler")]
+    progress = [e for e in events if e["type"] == "progress" and e["data"]["node"] == node_id(prompt, "WanCoreSampler")]
     assert progress and progress[-1]["data"]["value"] == progress[-1]["data"]["max"] >= 1  # one tick per step
 
 
 def test_an_interrupted_run_can_be_run_again_and_gives_the_uninterrupted_output(server):
     steps = 30
     prompt = tiny("wan_t2v_1.3B", steps=steps)
-    sampler, save, dit = (_node(prompt, c) for c in ("WanCoreSampler", "SaveVideo", "WanCoreLoadDiT"))
+    sampler, save, dit = (node_id(prompt, c) for c in ("WanCoreSampler", "SaveVideo", "WanCoreLoadDiT"))
     prompt[save]["inputs"]["filename_prefix"] = "interrupted"
     seen = []
 
@@ -368,8 +139,8 @@ def test_an_interrupted_run_can_be_run_again_and_gives_the_uninterrupted_output(
     fresh_prompt[save]["inputs"]["filename_prefix"] = "uninterrupted"
     fresh, fresh_events = server.run(fresh_prompt)
     assert any(e["type"] == "executing" and e["data"].get("node") == sampler for e in fresh_events)
-    a = _frames(server, after["outputs"][save]["images"][0])
-    b = _frames(server, fresh["outputs"][save]["images"][0])
+    a = video_frames(server, after["outputs"][save]["images"][0])
+    b = video_frames(server, fresh["outputs"][save]["images"][0])
     assert torch.equal(a, b)
 
 
@@ -381,7 +152,7 @@ def test_an_interrupted_run_can_be_run_again_and_gives_the_uninterrupted_output(
 def test_bad_input_is_refused_at_queue_time_and_the_server_keeps_serving(server, change, message):
     prompt = tiny("wan_t2v_1.3B")
     for cls, values in change.items():
-        prompt[_node(prompt, cls)]["inputs"].update(values)
+        prompt[node_id(prompt, cls)]["inputs"].update(values)
     status, body = server.post("/prompt", {"prompt": prompt, "client_id": server.client_id})
     assert status == 400
     assert message in json.dumps(body["node_errors"]), body
@@ -391,7 +162,7 @@ def test_bad_input_is_refused_at_queue_time_and_the_server_keeps_serving(server,
 
 def test_an_i2v_graph_with_a_t2v_model_fails_with_a_clear_error_and_the_server_keeps_serving(server):
     prompt = tiny("wan_i2v_480p")
-    prompt[_node(prompt, "WanCoreLoadDiT")]["inputs"]["model_name"] = "wan_tiny_t2v.safetensors"
+    prompt[node_id(prompt, "WanCoreLoadDiT")]["inputs"]["model_name"] = "wan_tiny_t2v.safetensors"
     history, events = server.run(prompt)
     errors = [e for e in events if e["type"] == "execution_error"]
     assert errors and errors[0]["data"]["node_type"] == "WanCoreSampler"
@@ -404,7 +175,7 @@ def test_an_i2v_graph_with_a_t2v_model_fails_with_a_clear_error_and_the_server_k
 def test_sampler_latents_round_trip_through_core_save_latent_and_load_latent(server):
     """A long sampling run saved with core Save Latent decodes later to the same video."""
     prompt = tiny("wan_t2v_1.3B", seed=1234)
-    sampler, decode, save = (_node(prompt, c) for c in ("WanCoreSampler", "WanCoreDecode", "SaveVideo"))
+    sampler, decode, save = (node_id(prompt, c) for c in ("WanCoreSampler", "WanCoreDecode", "SaveVideo"))
     prompt["100"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": "latents/wan"}}
     prompt[save]["inputs"]["filename_prefix"] = "direct"
     direct, _ = server.run(prompt)
@@ -416,14 +187,14 @@ def test_sampler_latents_round_trip_through_core_save_latent_and_load_latent(ser
     later[save]["inputs"]["filename_prefix"] = "from_latent"
     loaded, _ = server.run(later)
     assert loaded["status"]["status_str"] == "success"
-    a = _frames(server, direct["outputs"][save]["images"][0])
-    b = _frames(server, loaded["outputs"][save]["images"][0])
+    a = video_frames(server, direct["outputs"][save]["images"][0])
+    b = video_frames(server, loaded["outputs"][save]["images"][0])
     assert torch.equal(a, b)
 
 
 def test_memory_lora_step_cache_and_compile_options_run_through_the_server(server):
     prompt = tiny("wan_t2v_1.3B", steps=6, seed=4321)
-    sampler, save = _node(prompt, "WanCoreSampler"), _node(prompt, "SaveVideo")
+    sampler, save = node_id(prompt, "WanCoreSampler"), node_id(prompt, "SaveVideo")
     prompt[save]["inputs"]["filename_prefix"] = "plain_options"
     plain, _ = server.run(prompt)
     prompt["200"] = {"class_type": "WanCoreLoraLoader",
@@ -441,14 +212,14 @@ def test_memory_lora_step_cache_and_compile_options_run_through_the_server(serve
     history, events = server.run(prompt)
     errors = [e for e in events if e["type"] == "execution_error"]
     assert not errors, errors[0]["data"].get("exception_message")
-    a = _frames(server, plain["outputs"][save]["images"][0])
-    b = _frames(server, history["outputs"][save]["images"][0])
+    a = video_frames(server, plain["outputs"][save]["images"][0])
+    b = video_frames(server, history["outputs"][save]["images"][0])
     assert a.shape == b.shape and not torch.equal(a, b)   # the LoRA changed the video
     del prompt["200"], prompt[sampler]["inputs"]["loras"]
     prompt[save]["inputs"]["filename_prefix"] = "no_lora_options"
     again, _ = server.run(prompt)
     # step cache at threshold 0, block swap and a traced compile: the plain video, bit for bit
-    assert torch.equal(_frames(server, again["outputs"][save]["images"][0]), a)
+    assert torch.equal(video_frames(server, again["outputs"][save]["images"][0]), a)
 
 
 def test_sampling_sends_latent_previews_when_the_server_has_a_preview_method(server):
@@ -526,7 +297,7 @@ def browser(server, tmp_path_factory):
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if exe is None:
         pytest.skip("no Chromium to load the workflows in the ComfyUI frontend (apt-get install chromium)")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([exe, "--headless=new", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
                              f"--user-data-dir={tmp_path_factory.mktemp('chromium')}", "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -578,7 +349,7 @@ def test_each_ui_workflow_loads_in_the_frontend_without_missing_nodes_or_widget_
         assert got["widgets"] == node["widgets_values"], (path.stem, node["type"])
 
 
-def test_the_frontend_check_notices_a_missing_node(browser):
+def test_the_frontend_check_notices_a_missingnode_id(browser):
     workflow = json.loads((ROOT / "workflows" / "wan_t2i_1.3B.json").read_text())
     workflow["nodes"][1]["type"] = "WanCoreNoSuchNode"
     loaded = _load_in_editor(browser, workflow)

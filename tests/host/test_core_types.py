@@ -3,43 +3,44 @@
 - core CLIPTextEncode (a umT5 CLIP of type wan) -> WanCore Text Embeds From Conditioning
   gives the embeddings of WanCore Text Encode on the same file, and WanCore Sampler gives the
   same latents from either;
-- WanCore DiT To Model: the bridged MODEL's denoised prediction equals ComfyUI's own Wan
-  model loaded from the same file (core ``load_diffusion_model``), and core KSampler /
-  SamplerCustomAdvanced + ModelSamplingSD3 graphs run end to end with it.
+- core VAE + CLIPVisionEncode (crop none) -> WanCore Image Embeds From Core gives the image
+  embeddings of WanCore Image To Video Encode on the same files, and the same latents;
+- WanCore DiT To Model: the bridged MODEL's denoised prediction (T2V, and I2V with c_concat
+  and clip_fea; with and without a core LoRA) equals ComfyUI's own Wan model loaded from the
+  same file (core ``load_diffusion_model``); core KSampler / SamplerCustomAdvanced +
+  ModelSamplingSD3 graphs and the two core-loader example workflows run end to end with it;
+  our own sampler afterwards samples the unpatched weights.
 
 ComfyUI's own loaders take their architecture from fixed configs, not from the file: the
 CLIP loader (type wan) builds umT5-XXL from ``umt5_config_xxl.json`` and only recognises a
 file with 24 blocks of width 4096; the CLIP vision loader picks ViT-H/L/G by layer count;
-the VAE loader builds Wan's VAE with dim 96. None of them accepts a tiny file. So a probe
-node here builds the core CLIP object from the tiny umT5 file the way ``comfy.sd`` does,
-with only its sizes overridden (``umt5xxl_model_config``, an option ComfyUI reads for
-this). The DiT loader does infer sizes from shapes, except the text width (4096, fixed): the
-native parity uses a tiny DiT with text_dim 4096.
+the VAE loader builds Wan's VAE with dim 96. None of them accepts a tiny file (the smallest
+file they accept is the full-size model). So probe nodes here build ComfyUI's own objects
+from the tiny files with only the sizes changed: ``comfy.sd.CLIP`` with
+``umt5xxl_model_config`` (an option ComfyUI reads for this), ``ClipVisionModel`` with a
+tiny config .json, ``comfy.sd.VAE`` with its dim 96 swapped for the file's. The DiT loader
+infers sizes from shapes except the text width (4096) and the I2V CLIP width (1280): the
+native parity uses tiny DiTs with those widths. The server runs with ``--fp32-text-enc``
+(ComfyUI's text encoders and CLIP vision default to fp16 on the CPU).
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
-import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
 
-COMFYUI = os.environ.get("COMFYUI_PATH")
-if not COMFYUI:
-    pytest.skip("COMFYUI_PATH is not set (a ComfyUI checkout to test against)", allow_module_level=True)
-pytest.importorskip("websocket", reason="websocket-client is needed to follow the server's progress")
-pytestmark = pytest.mark.host
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_comfyui_host import (API, FRAMES, ROOT, STARTUP_S, Server, _free_port, _frames, _node,  # noqa: E402
-                               _write_inputs, _write_models, tiny, uses_core_loaders)
+import hosttools  # noqa: E402
+from hosttools import API, FRAMES, Server, node_id, tiny, uses_core_loaders, video_frames  # noqa: E402
+
+hosttools.require_comfyui()
+pytestmark = pytest.mark.host
 
 TE_COMFY = "umt5_tiny_comfy.safetensors"     # the tiny umT5 in ComfyUI's (HF) key layout
 DIT_4096 = "wan_tiny_t2v_text4096.safetensors"
+I2V_4096 = "wan_tiny_i2v_text4096.safetensors"
 CLIP_HF = "clip_vision_tiny_hf.safetensors"  # the tiny CLIP vision tower in HF key layout
 PROMPT, NEGATIVE = "a cat walks on the grass", "blurry, static"
 
@@ -60,158 +61,116 @@ class _Any(str):
 ANY = _Any("*")
 
 
-class CoreProbeTinyWanCLIP:
+def _name(kind):
+    return {kind: ("STRING", {"default": ""})}
+
+
+@probe(_name("clip_name"), ("CLIP",))
+def CoreProbeTinyWanCLIP(clip_name):
     """A core CLIP (umT5, type wan) from a tiny file: comfy.sd's own construction, sizes from the file."""
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load"
-    CATEGORY = "testing"
+    sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("text_encoders", clip_name))
+    tokenizer_data = {"spiece_model": sd.pop("spiece_model")}
+    block = sd["encoder.block.0.layer.0.SelfAttention.q.weight"]
+    layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.block.")})
+    heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[1]
+    config = {"d_model": block.shape[1], "d_kv": block.shape[0] // heads, "num_heads": heads,
+              "num_layers": layers, "d_ff": sd["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
+              "vocab_size": sd["shared.weight"].shape[0]}
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"clip_name": ("STRING", {"default": ""})}}
+    class Target:
+        params = {}
+        clip = comfy.text_encoders.wan.te()
+        tokenizer = comfy.text_encoders.wan.WanT5Tokenizer
 
-    def load(self, clip_name):
-        sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("text_encoders", clip_name))
-        tokenizer_data = {"spiece_model": sd.pop("spiece_model")}
-        block = sd["encoder.block.0.layer.0.SelfAttention.q.weight"]
-        layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.block.")})
-        heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[1]
-        config = {"d_model": block.shape[1], "d_kv": block.shape[0] // heads, "num_heads": heads,
-                  "num_layers": layers, "d_ff": sd["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
-                  "vocab_size": sd["shared.weight"].shape[0]}
-
-        class Target:
-            params = {}
-            clip = comfy.text_encoders.wan.te()
-            tokenizer = comfy.text_encoders.wan.WanT5Tokenizer
-
-        clip = comfy.sd.CLIP(Target(), tokenizer_data=tokenizer_data,
-                             model_options={"umt5xxl_model_config": config, "dtype": torch.float32})
-        missing, unexpected = clip.load_sd(sd)
-        assert not unexpected, unexpected
-        return (clip,)
+    clip = comfy.sd.CLIP(Target(), tokenizer_data=tokenizer_data,
+                         model_options={"umt5xxl_model_config": config, "dtype": torch.float32})
+    missing, unexpected = clip.load_sd(sd)
+    assert not unexpected, unexpected
+    return (clip,)
 
 
-class CoreProbeNativeWan:
+@probe(_name("unet_name"), ("MODEL",))
+def CoreProbeNativeWan(unet_name):
     """ComfyUI's own Wan model from a diffusion_models file, float32."""
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "load"
-    CATEGORY = "testing"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"unet_name": ("STRING", {"default": ""})}}
-
-    def load(self, unet_name):
-        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        return (comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.float32}),)
+    path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+    return (comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.float32}),)
 
 
-class CoreProbeCompareDenoised:
+@probe({"a": ("MODEL",), "b": ("MODEL",), "text_dim": ("INT", {"default": 4096})},
+       optional={"clip_dim": ("INT", {"default": 0})})
+def CoreProbeCompareDenoised(a, b, text_dim, clip_dim=0):
     """Max |a - b| of the two MODELs' denoised predictions on the same random input, text and sigmas."""
-    RETURN_TYPES = ()
-    FUNCTION = "compare"
-    OUTPUT_NODE = True
-    CATEGORY = "testing"
+    mm.load_models_gpu([a, b])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 2, 4, 6, generator=g)
+    # as core umT5 gives it: 512 tokens, zero after the prompt's (the native model attends to all of
+    # them, ours pads to 512 itself: a shorter context would differ by design, as upstream pads)
+    context = torch.zeros(1, 512, text_dim)
+    context[:, :7] = torch.randn(1, 7, text_dim, generator=g)
+    extra = {}
+    if clip_dim:   # I2V: mask + image latents on channels, CLIP tokens
+        extra = {"c_concat": torch.randn(1, 20, 2, 4, 6, generator=g),
+                 "clip_fea": torch.randn(1, 257, clip_dim, generator=g)}
+    diffs, scale, kinds = [], 0.0, []
+    for sigma in (0.95, 0.5, 0.1):
+        s = torch.tensor([sigma])
+        out = [m.model.apply_model(x, s, c_crossattn=context, **extra).float() for m in (a, b)]
+        diffs.append(float((out[0] - out[1]).abs().max()))
+        scale = max(scale, float(out[1].abs().max()))
+    import comfy.model_sampling as ms
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"a": ("MODEL",), "b": ("MODEL",), "text_dim": ("INT", {"default": 4096})}}
-
-    def compare(self, a, b, text_dim):
-        mm.load_models_gpu([a, b])
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, 16, 2, 4, 6, generator=g)
-        # as core umT5 gives it: 512 tokens, zero after the prompt's (the native model attends to all of
-        # them, ours pads to 512 itself: a shorter context would differ by design, as upstream pads)
-        context = torch.zeros(1, 512, text_dim)
-        context[:, :7] = torch.randn(1, 7, text_dim, generator=g)
-        diffs, scale, kinds = [], 0.0, []
-        for sigma in (0.95, 0.5, 0.1):
-            s = torch.tensor([sigma])
-            out = [m.model.apply_model(x, s, c_crossattn=context).float() for m in (a, b)]
-            diffs.append(float((out[0] - out[1]).abs().max()))
-            scale = max(scale, float(out[1].abs().max()))
-        import comfy.model_sampling as ms
-
-        kinds = [f"flow={isinstance(m.model.model_sampling, ms.ModelSamplingDiscreteFlow)}/"
-                 f"const={isinstance(m.model.model_sampling, ms.CONST)}/shift={float(m.model.model_sampling.shift)}"
-                 for m in (a, b)]
-        return {"ui": {"max_abs": [max(diffs)], "scale": [scale], "sampling": kinds}}
+    kinds = [f"flow={isinstance(m.model.model_sampling, ms.ModelSamplingDiscreteFlow)}/"
+             f"const={isinstance(m.model.model_sampling, ms.CONST)}/shift={float(m.model.model_sampling.shift)}"
+             for m in (a, b)]
+    return {"ui": {"max_abs": [max(diffs)], "scale": [scale], "sampling": kinds}}
 
 
-class CoreProbeCompare:
+@probe({"a": (ANY,), "b": (ANY,)})
+def CoreProbeCompare(a, b):
     """Max |a - b| of two text embeds (positive and negative) or two LATENTs; shapes must agree."""
-    RETURN_TYPES = ()
-    FUNCTION = "compare"
-    OUTPUT_NODE = True
-    CATEGORY = "testing"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"a": (ANY,), "b": (ANY,)}}
-
-    def compare(self, a, b):
-        if isinstance(a, dict):
-            pairs = [(a["samples"], b["samples"])]
-        elif hasattr(a, "clip_fea"):   # image embeds: mask + latents, CLIP tokens
-            pairs = [(a.y, b.y), (a.clip_fea, b.clip_fea)]
-        else:
-            pairs = [(a.positive, b.positive), (a.negative, b.negative)]
-        shapes = [[list(x.shape), list(y.shape)] for x, y in pairs]
-        diffs = [float((x.float() - y.float()).abs().max()) if x.shape == y.shape else float("inf") for x, y in pairs]
-        scale = max(float(y.abs().max()) for _, y in pairs)
-        return {"ui": {"max_abs": [max(diffs)], "scale": [scale], "shapes": shapes}}
+    if isinstance(a, dict):
+        pairs = [(a["samples"], b["samples"])]
+    elif hasattr(a, "clip_fea"):   # image embeds: mask + latents, CLIP tokens
+        pairs = [(a.y, b.y), (a.clip_fea, b.clip_fea)]
+    else:
+        pairs = [(a.positive, b.positive), (a.negative, b.negative)]
+    shapes = [[list(x.shape), list(y.shape)] for x, y in pairs]
+    diffs = [float((x.float() - y.float()).abs().max()) if x.shape == y.shape else float("inf") for x, y in pairs]
+    scale = max(float(y.abs().max()) for _, y in pairs)
+    return {"ui": {"max_abs": [max(diffs)], "scale": [scale], "shapes": shapes}}
 
 
-class CoreProbeTinyWanVAE:
+@probe(_name("vae_name"), ("VAE",))
+def CoreProbeTinyWanVAE(vae_name):
     """comfy.sd.VAE over a tiny Wan 2.1 VAE file: ComfyUI's own class, its fixed dim 96 swapped for the file's."""
-    RETURN_TYPES = ("VAE",)
-    FUNCTION = "load"
-    CATEGORY = "testing"
+    import comfy.ldm.wan.vae as wan_vae
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"vae_name": ("STRING", {"default": ""})}}
-
-    def load(self, vae_name):
-        import comfy.ldm.wan.vae as wan_vae
-
-        sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("vae", vae_name))
-        dim, full = sd["encoder.conv1.weight"].shape[0], wan_vae.WanVAE
-        wan_vae.WanVAE = lambda **kw: full(**dict(kw, dim=dim))
-        try:
-            vae = comfy.sd.VAE(sd=sd, dtype=torch.float32)
-        finally:
-            wan_vae.WanVAE = full
-        missing, _ = vae.first_stage_model.load_state_dict(sd, strict=False)
-        assert not missing, missing
-        return (vae,)
+    sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("vae", vae_name))
+    dim, full = sd["encoder.conv1.weight"].shape[0], wan_vae.WanVAE
+    wan_vae.WanVAE = lambda **kw: full(**dict(kw, dim=dim))
+    try:
+        vae = comfy.sd.VAE(sd=sd, dtype=torch.float32)
+    finally:
+        wan_vae.WanVAE = full
+    missing, _ = vae.first_stage_model.load_state_dict(sd, strict=False)
+    assert not missing, missing
+    return (vae,)
 
 
-class CoreProbeTinyClipVision:
+@probe(_name("clip_name"), ("CLIP_VISION",))
+def CoreProbeTinyClipVision(clip_name):
     """comfy.clip_vision.ClipVisionModel from a tiny HF-layout file and its config (the .json beside it)."""
-    RETURN_TYPES = ("CLIP_VISION",)
-    FUNCTION = "load"
-    CATEGORY = "testing"
+    import comfy.clip_vision
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"clip_name": ("STRING", {"default": ""})}}
-
-    def load(self, clip_name):
-        import comfy.clip_vision
-
-        path = folder_paths.get_full_path_or_raise("clip_vision", clip_name)
-        clip = comfy.clip_vision.ClipVisionModel(path.rsplit(".", 1)[0] + ".json")
-        missing, _ = clip.load_sd(comfy.utils.load_torch_file(path))
-        assert not missing, missing
-        return (clip,)
+    path = folder_paths.get_full_path_or_raise("clip_vision", clip_name)
+    clip = comfy.clip_vision.ClipVisionModel(path.rsplit(".", 1)[0] + ".json")
+    missing, _ = clip.load_sd(comfy.utils.load_torch_file(path))
+    assert not missing, missing
+    return (clip,)
 
 
-NODE_CLASS_MAPPINGS = {"CoreProbeTinyWanCLIP": CoreProbeTinyWanCLIP, "CoreProbeNativeWan": CoreProbeNativeWan,
-                       "CoreProbeCompareDenoised": CoreProbeCompareDenoised, "CoreProbeCompare": CoreProbeCompare,
-                       "CoreProbeTinyWanVAE": CoreProbeTinyWanVAE, "CoreProbeTinyClipVision": CoreProbeTinyClipVision}
+NODE_CLASS_MAPPINGS = mappings(CoreProbeTinyWanCLIP, CoreProbeNativeWan, CoreProbeCompareDenoised, CoreProbeCompare,
+                               CoreProbeTinyWanVAE, CoreProbeTinyClipVision)
 '''
 
 
@@ -246,6 +205,13 @@ def _write_core_models(base: Path) -> None:
         model = WanDiT(cfg)
     save_file({"model.diffusion_model." + k: v for k, v in _randomize(model, 11).items()},
               str(base / "models" / "diffusion_models" / DIT_4096))
+    # ComfyUI's native I2V model also fixes the CLIP width (1280)
+    cfg = DiTConfig(dim=t2v.dim, ffn_dim=t2v.ffn_dim, num_layers=t2v.num_layers, in_dim=36, text_dim=4096,
+                    freq_dim=256, model_type="i2v", clip_dim=1280)
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    save_file({"model.diffusion_model." + k: v for k, v in _randomize(model, 12).items()},
+              str(base / "models" / "diffusion_models" / I2V_4096))
 
 
 def _write_hf_clip_vision(folder: Path) -> None:
@@ -257,7 +223,8 @@ def _write_hf_clip_vision(folder: Path) -> None:
     from wan_core.selftest import SELFTEST_CONFIGS
 
     c = SELFTEST_CONFIGS["clip"]
-    official = {k.removeprefix("visual."): v for k, v in load_file(str(folder / "clip_vision_tiny.safetensors")).items()}
+    official = load_file(str(folder / "clip_vision_tiny.safetensors"))
+    official = {k.removeprefix("visual."): v for k, v in official.items()}
     v = "vision_model."
     hf = {v + "embeddings.class_embedding": official["cls_embedding"].reshape(-1),
           v + "embeddings.patch_embedding.weight": official["patch_embedding.weight"],
@@ -284,44 +251,10 @@ def _write_hf_clip_vision(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_core")
-    (base / "custom_nodes").mkdir()
-    os.symlink(ROOT, base / "custom_nodes" / "wan-core")
-    (base / "custom_nodes" / "core_probe.py").write_text(_PROBE)
-    _write_models(base)
-    _write_inputs(base)
+    base = hosttools.base_directory(tmp_path_factory.mktemp("comfy_core"), "core_probe.py", _PROBE)
     _write_core_models(base)
-    port = _free_port()
-    log = base / "server.log"
-    cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
-           "--port", str(port), "--base-directory", str(base), "--disable-auto-launch",
-           "--database-url", "sqlite:///:memory:", "--fp32-text-enc"]   # CLIP vision in float32 on the CPU
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(f"http://127.0.0.1:{port}", proc, base, log)
-    try:
-        end = time.monotonic() + STARTUP_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                srv.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.monotonic() > end:
-                    pytest.fail(f"ComfyUI did not answer in {STARTUP_S} s:\n{log.read_text()[-3000:]}")
-                time.sleep(1)
-        srv.connect()
+    with hosttools.comfyui(base, "--fp32-text-enc") as srv:   # CLIP vision in float32 on the CPU
         yield srv
-    finally:
-        if srv.ws is not None:
-            srv.ws.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
 
 
 def _run_ok(server: Server, prompt: dict) -> dict:
@@ -333,6 +266,16 @@ def _run_ok(server: Server, prompt: dict) -> dict:
 
 def _n(cls: str, **inputs) -> dict:
     return {"class_type": cls, "inputs": inputs}
+
+
+def _assert_same(outputs: dict, what: str, node: str) -> None:
+    """The CoreProbeCompare outputs ``node`` (embeds, core vs ours) and ``cmp_latent`` (our
+    sampler's latents from either): same shapes, max |a - b| <= 1e-4 (relative above 1)."""
+    embeds, latent = outputs[node], outputs["cmp_latent"]
+    print(f"{what} core vs ours:", embeds, "latents:", latent)
+    assert all(a == b for a, b in embeds["shapes"]), embeds["shapes"]
+    assert embeds["max_abs"][0] <= 1e-4 * max(1.0, embeds["scale"][0]), embeds
+    assert latent["max_abs"][0] <= 1e-4 * max(1.0, latent["scale"][0]), latent
 
 
 def _sampler(model: list, text: list, embeds: list, seed: int = 3) -> dict:
@@ -355,13 +298,8 @@ def test_core_clip_text_encode_gives_our_text_embeds_and_our_sampler_the_same_la
         "s_ours": _sampler(["dit", 0], ["ours", 0], ["size", 0]),
         "cmp_latent": _n("CoreProbeCompare", a=["s_core", 0], b=["s_ours", 0]),
     }
-    outputs = _run_ok(server, prompt)
-    text, latent = outputs["cmp_text"], outputs["cmp_latent"]
-    print("text embeds core vs ours:", text, "latents:", latent)
     # same token count (core umT5 pads to 512 with zeros, the adapter drops them), same values
-    assert all(a == b for a, b in text["shapes"]), text["shapes"]
-    assert text["max_abs"][0] <= 1e-4 * max(1.0, text["scale"][0]), text
-    assert latent["max_abs"][0] <= 1e-4 * max(1.0, latent["scale"][0]), latent
+    _assert_same(_run_ok(server, prompt), "text embeds", "cmp_text")
 
 
 def test_the_bridged_dit_predicts_what_comfyuis_native_wan_model_predicts(server):
@@ -374,6 +312,20 @@ def test_the_bridged_dit_predicts_what_comfyuis_native_wan_model_predicts(server
     out = _run_ok(server, prompt)["cmp"]
     print("denoised bridged vs native:", out)
     assert out["sampling"][0] == out["sampling"][1] == "flow=True/const=True/shift=8.0"
+    assert out["max_abs"][0] <= 1e-4, out
+
+
+def test_the_bridged_i2v_dit_predicts_what_comfyuis_native_i2v_model_predicts(server):
+    prompt = {
+        "dit": _n("WanCoreLoadDiT", model_name=I2V_4096, weight_dtype="fp32", attention="sdpa"),
+        "bridge": _n("WanCoreDiTToModel", model=["dit", 0], shift=3.0),
+        "native": _n("CoreProbeNativeWan", unet_name=I2V_4096),
+        "sd3": _n("ModelSamplingSD3", model=["native", 0], shift=3.0),
+        "cmp": _n("CoreProbeCompareDenoised", a=["bridge", 0], b=["sd3", 0], text_dim=4096, clip_dim=1280),
+    }
+    out = _run_ok(server, prompt)["cmp"]
+    print("I2V denoised bridged vs native:", out)
+    assert out["sampling"][0] == out["sampling"][1] == "flow=True/const=True/shift=3.0"
     assert out["max_abs"][0] <= 1e-4, out
 
 
@@ -433,12 +385,7 @@ def test_core_vae_and_clip_vision_encode_give_our_image_embeds_and_our_sampler_t
         "s_ours": _sampler(["dit", 0], ["text", 0], ["ours", 0]),
         "cmp_latent": _n("CoreProbeCompare", a=["s_core", 0], b=["s_ours", 0]),
     }
-    outputs = _run_ok(server, prompt)
-    embeds, latent = outputs["cmp_embeds"], outputs["cmp_latent"]
-    print("image embeds core vs ours:", embeds, "latents:", latent)
-    assert all(a == b for a, b in embeds["shapes"]), embeds["shapes"]
-    assert embeds["max_abs"][0] <= 1e-4 * max(1.0, embeds["scale"][0]), embeds
-    assert latent["max_abs"][0] <= 1e-4 * max(1.0, latent["scale"][0]), latent
+    _assert_same(_run_ok(server, prompt), "image embeds", "cmp_embeds")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in API.glob("*.json") if uses_core_loaders(p)))
@@ -455,8 +402,8 @@ def test_each_core_loader_workflow_runs_on_tiny_models(server, name):
         elif cls == "KSampler":
             inputs["steps"] = 2
     outputs = _run_ok(server, prompt)
-    items = outputs[_node(prompt, "SaveVideo")]["images"]
-    assert len(items) == 1 and _frames(server, items[0]).shape == (FRAMES, 32, 32, 3)
+    items = outputs[node_id(prompt, "SaveVideo")]["images"]
+    assert len(items) == 1 and video_frames(server, items[0]).shape == (FRAMES, 32, 32, 3)
 
 
 def test_core_lora_loader_patches_the_bridged_dit_as_it_patches_the_native_model(server):

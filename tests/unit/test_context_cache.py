@@ -38,6 +38,18 @@ def _inputs(cfg, seed=1):
     return x, cond, uncond, clip, y
 
 
+def _t2v_after_one_call(steps: int):
+    """A tiny T2V DiT and its context-caching runner after ``begin_run(steps)`` and one "cond"
+    call at t = 500; returns ``dit, runner`` and that call's ``x, t, cond``."""
+    dit = _model(tiny.TINY_DIT_T2V)
+    x, cond, _, _, _ = _inputs(tiny.TINY_DIT_T2V)
+    t = torch.tensor([500.0])
+    runner = DiTRunner(dit, context_cache=True)
+    runner.begin_run(steps)
+    runner(x, t, cond, branch="cond")
+    return dit, runner, x, t, cond
+
+
 @pytest.mark.parametrize("cfg", [tiny.TINY_DIT_T2V, tiny.TINY_DIT_I2V], ids=["t2v", "i2v"])
 @torch.no_grad()
 def test_cached_outputs_are_bit_identical_over_steps_and_branches(cfg):
@@ -71,12 +83,7 @@ def test_cache_skips_the_context_projections_after_the_first_step():
 
 @torch.no_grad()
 def test_changed_context_rebuilds_the_entry():
-    dit = _model(tiny.TINY_DIT_T2V)
-    x, cond, uncond, _, _ = _inputs(tiny.TINY_DIT_T2V)
-    t = torch.tensor([500.0])
-    runner = DiTRunner(dit, context_cache=True)
-    runner.begin_run(2)
-    runner(x, t, cond, branch="cond")
+    dit, runner, x, t, cond = _t2v_after_one_call(2)
     other = cond + 1.0                       # another prompt on the same branch name
     assert torch.equal(runner(x, t, other, branch="cond"), dit(x, t, other))
     cond2 = cond.clone()
@@ -89,12 +96,7 @@ def test_changed_context_rebuilds_the_entry():
 
 @torch.no_grad()
 def test_begin_run_clears_the_cache_so_new_weights_count():
-    dit = _model(tiny.TINY_DIT_T2V)
-    x, cond, _, _, _ = _inputs(tiny.TINY_DIT_T2V)
-    t = torch.tensor([500.0])
-    runner = DiTRunner(dit, context_cache=True)
-    runner.begin_run(1)
-    runner(x, t, cond, branch="cond")
+    dit, runner, x, t, cond = _t2v_after_one_call(1)
     assert runner.context_kv.nbytes() > 0
     dit.blocks[0].cross_attn.k.weight.add_(0.1)   # e.g. a LoRA merged between runs
     runner.begin_run(1)

@@ -5,6 +5,7 @@ in tests/host/test_core_types.py.
 """
 from __future__ import annotations
 
+import importlib
 import types
 
 import pytest
@@ -90,6 +91,26 @@ def test_image_embeds_from_core_need_both_end_inputs_for_flf2v(pack):
 def test_dit_to_model_hands_the_loaded_dit_and_shift_to_the_host_bridge(pack, monkeypatch):
     calls = []
     monkeypatch.setattr(pack.nodes.host, "core_model", lambda dit, shift: calls.append((dit, shift)) or "MODEL")
-    dit = object()
+    CastLinear = importlib.import_module(pack.__name__ + ".wan_core.layers").CastLinear   # the pack's own copy
+    dit = torch.nn.Sequential(CastLinear(4, 4))
     (model,) = pack.nodes.WanCoreDiTToModel().convert(pack.nodes.types.LoadedDiT(dit), 3.0)
     assert model == "MODEL" and calls == [(dit, 3.0)]
+
+
+@pytest.mark.parametrize("dtype, kind", [(torch.float8_e4m3fn, "fp8"), (torch.uint8, "gguf")])
+def test_dit_to_model_refuses_fp8_and_gguf_storage_that_core_patches_would_corrupt(pack, monkeypatch, dtype, kind):
+    CastLinear = importlib.import_module(pack.__name__ + ".wan_core.layers").CastLinear   # the pack's own copy
+    monkeypatch.setattr(pack.nodes.host, "core_model", lambda dit, shift: pytest.fail("bridged a quantized DiT"))
+    layer = CastLinear(4, 4)
+    layer.weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=dtype), requires_grad=False)
+    with pytest.raises(ValueError, match=f"stored as {kind}.*weight_dtype bf16"):
+        pack.nodes.WanCoreDiTToModel().convert(pack.nodes.types.LoadedDiT(torch.nn.Sequential(layer)), 3.0)
+
+
+def test_core_encoder_workflows_spell_out_the_official_negative_prompt(pack):
+    import json
+
+    for name in ("wan_t2v_1.3B_core_encoders", "wan_t2v_1.3B_ksampler"):
+        graph = json.loads((nodepack.ROOT / "workflows" / "api" / f"{name}.json").read_text())
+        texts = [n["inputs"]["text"] for n in graph.values() if n["class_type"] == "CLIPTextEncode"]
+        assert pack.wan_core.NEGATIVE_PROMPT in texts, name   # core CLIPTextEncode has no default for it

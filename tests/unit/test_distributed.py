@@ -315,8 +315,14 @@ def test_torchrun_cli_writes_the_single_process_video(tmp_path):
     assert two.returncode == 0, two.stderr
     assert two.stderr.count("2/2") == 1 and two.stderr.count("loaded wan_tiny_t2v") == 1   # rank 1 is quiet
     assert two.stdout.count("wrote ") == 1
-    # the frames equal the single-process ones (measured: identical 8-bit frames)
-    assert torch.equal(read_video(tmp_path / "one.mp4"), read_video(tmp_path / "two.mp4"))
+    # the frames equal the single-process ones up to float32 rounding (ring attention merges blocks by
+    # log-sum-exp, ~1e-6 relative; the latents are compared at 1e-5 in the tests above). After 8-bit
+    # rounding one value may move a step, which H.264 spreads over its block: measured max 8/255 at a
+    # few pixels, mean 0.015/255. A wrong rank split would move the mean by whole steps.
+    one, two_frames = read_video(tmp_path / "one.mp4"), read_video(tmp_path / "two.mp4")
+    assert one.shape == two_frames.shape
+    diff = (one - two_frames).abs()
+    assert diff.mean() <= 0.25 / 255 and (diff > 2 / 255).float().mean() <= 0.005, (diff.max(), diff.mean())
 
 
 def test_cli_parallel_flags_without_torchrun_say_how_to_start(tmp_path, monkeypatch, capsys):

@@ -22,17 +22,8 @@ from wan_core.loaders import load_dit
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def _inputs(cfg, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 2, 4, 4, generator=g)
-    y = torch.randn(1, cfg.in_dim - 16, 2, 4, 4, generator=g) if cfg.in_dim > 16 else None
-    ctx = torch.randn(1, 7, cfg.text_dim, generator=g)
-    clip = torch.randn(1, 9, cfg.clip_dim, generator=g) if cfg.has_image_input else None
-    return x, torch.tensor([700.0]), ctx, clip, y
-
-
 def _run(model, cfg):
-    x, t, ctx, clip, y = _inputs(cfg)
+    x, t, ctx, clip, y = tiny.dit_inputs(cfg)
     with torch.no_grad():
         return model(x, t, ctx, clip, y)
 

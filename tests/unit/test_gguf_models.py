@@ -49,18 +49,9 @@ ERRORS = [
 PROMPTS = ["a cat walks on the grass, golden hour", "Ünïcödé   spaces\tand  ¼ fractions", "x"]
 
 
-def _inputs(cfg, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 2, 4, 4, generator=g)
-    y = torch.randn(1, cfg.in_dim - 16, 2, 4, 4, generator=g) if cfg.in_dim > 16 else None
-    ctx = torch.randn(1, 7, cfg.text_dim, generator=g)
-    clip = torch.randn(1, 9, cfg.clip_dim, generator=g) if cfg.has_image_input else None
-    return x, torch.tensor([700.0]), ctx, clip, y
-
-
 def _run(model, seed: int = 0):
     with torch.no_grad():
-        return model(*_inputs(model.cfg, seed))
+        return model(*tiny.dit_inputs(model.cfg, seed))
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +151,7 @@ def test_block_swap_with_gguf_is_bit_identical_and_streams_the_quantized_bytes(t
     plain = _run(model)
     swap = BlockSwap(resident_blocks=0, compute_device="cpu")
     runner = DiTRunner(model, executor=swap)
-    inputs = _inputs(model.cfg)
+    inputs = tiny.dit_inputs(model.cfg)
     with torch.no_grad():
         tokens, block_inputs = model.prepare(*inputs)
         out = model.finish(runner.executor.run(model.blocks, tokens, block_inputs), block_inputs)

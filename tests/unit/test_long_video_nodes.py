@@ -17,6 +17,19 @@ def pack():
     return nodepack.load_pack()
 
 
+@pytest.fixture(scope="module")
+def extension(pack, tmp_path_factory):
+    """A tiny T2V DiT and VAE (float32), text embeddings and a 9-frame 32x32 video to extend."""
+    import factory
+
+    wc, d = pack.wan_core, tmp_path_factory.mktemp("extend")
+    dit = wc.load_dit(factory.write_checkpoint(d, "dit", "official", variant="t2v"), dtype=torch.float32)
+    vae = wc.load_vae(factory.write_checkpoint(d, "vae", "official"))
+    g = torch.Generator().manual_seed(1)
+    text = wc.TextEmbeds(torch.randn(5, dit.cfg.text_dim, generator=g), torch.randn(3, dit.cfg.text_dim, generator=g))
+    return dit, vae, text, torch.rand(9, 32, 32, 3, generator=g)
+
+
 def test_option_nodes_drive_the_sampler_like_wan_core(pack) -> None:
     n, wc = pack.nodes, pack.wan_core
     context = n.WanCoreContextOptions().options(17, 8, "uniform", "overlap-linear", False, True)[0]
@@ -41,33 +54,21 @@ def test_option_nodes_drive_the_sampler_like_wan_core(pack) -> None:
     assert not torch.equal(plain, out)
 
 
-def test_extend_video_node_continues_a_video(pack, tmp_path) -> None:
-    import factory
-
+def test_extend_video_node_continues_a_video(pack, extension) -> None:
     n, wc = pack.nodes, pack.wan_core
-    dit = wc.load_dit(factory.write_checkpoint(tmp_path, "dit", "official", variant="t2v"), dtype=torch.float32)
-    vae = wc.load_vae(factory.write_checkpoint(tmp_path, "vae", "official"))
-    g = torch.Generator().manual_seed(1)
-    text = wc.TextEmbeds(torch.randn(5, dit.cfg.text_dim, generator=g), torch.randn(3, dit.cfg.text_dim, generator=g))
-    source = torch.rand(9, 32, 32, 3, generator=g)
+    dit, vae, text, source = extension
     out = n.WanCoreExtendVideo().extend(n.types.LoadedDiT(dit), vae, text, source, 9, 5, 1, 2, 5.0, 5.0, "unipc")[0]
     ref = wc.extend.continue_video(dit, vae, text, source, 9, 5, wc.SamplerSettings(steps=2, seed=1))
     assert out.shape == (13, 32, 32, 3) and torch.equal(out[:4], source[:4])
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-def test_extend_video_node_encodes_in_the_plans_tiles(pack, tmp_path, monkeypatch) -> None:
+def test_extend_video_node_encodes_in_the_plans_tiles(pack, extension, monkeypatch) -> None:
     """The overlap (and I2V guide) encode uses the image-encode stage's tile, as generate() does:
     "auto" on the CPU (encode_tiled's RAM rule: one tile here, so the numbers above are unchanged),
     and the memory options' custom tile when given."""
-    import factory
-
     n, wc = pack.nodes, pack.wan_core
-    dit = wc.load_dit(factory.write_checkpoint(tmp_path, "dit", "official", variant="t2v"), dtype=torch.float32)
-    vae = wc.load_vae(factory.write_checkpoint(tmp_path, "vae", "official"))
-    g = torch.Generator().manual_seed(1)
-    text = wc.TextEmbeds(torch.randn(5, dit.cfg.text_dim, generator=g), torch.randn(3, dit.cfg.text_dim, generator=g))
-    source = torch.rand(9, 32, 32, 3, generator=g)
+    dit, vae, text, source = extension
     tiles, encode_tiled = [], wc.vae_tiling.encode_tiled
 
     def spy(vae_, video, *args, tile="auto", **kw):

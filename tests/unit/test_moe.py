@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import factory
 import tiny
-from wan_core.conditioning import ImageEmbeds, TextEmbeds, image_to_tensor
+from wan_core.conditioning import TextEmbeds, image_to_tensor
 from wan_core.conditioning22 import encode_image_latents
 from wan_core.configs import KNOWN_DIT, DiTConfig
 from wan_core.dit import WanDiT

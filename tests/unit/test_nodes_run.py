@@ -28,15 +28,7 @@ def pack():
 
 @pytest.fixture(scope="module")
 def model_dir(pack, tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    paths = pack.wan_core.selftest.write_selftest_models(root / "all")
-    folders = {k: root / k for k in ("diffusion_models", "vae", "text_encoders", "clip_vision")}
-    for folder in folders.values():
-        folder.mkdir()
-    for key, path in (("diffusion_models", paths.dit_t2v), ("diffusion_models", paths.dit_i2v),
-                      ("vae", paths.vae), ("text_encoders", paths.text_encoder), ("clip_vision", paths.clip_vision)):
-        path.rename(folders[key] / path.name)
-    return folders
+    return nodepack.selftest_model_folders(pack, tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture()
@@ -46,18 +38,7 @@ def folder_paths(monkeypatch, model_dir):
 
 @pytest.fixture(scope="module")
 def models(pack, model_dir):
-    n = pack.nodes
-    mp = pytest.MonkeyPatch()
-    mp.setitem(sys.modules, "folder_paths", nodepack.fake_folder_paths(model_dir))
-    try:
-        return types.SimpleNamespace(
-            t2v=n.WanCoreLoadDiT().load("wan_tiny_t2v.safetensors", "fp32", "sdpa")[0],
-            i2v=n.WanCoreLoadDiT().load("wan_tiny_i2v.safetensors", "fp32", "sdpa")[0],
-            vae=n.WanCoreLoadVAE().load("wan_tiny_vae.safetensors", "fp32")[0],
-            te=n.WanCoreLoadTextEncoder().load("umt5_tiny.safetensors", "fp32")[0],
-            clip=n.WanCoreLoadCLIPVision().load("clip_vision_tiny.safetensors", "fp32")[0])
-    finally:
-        mp.undo()
+    return nodepack.load_selftest_models(pack, model_dir)
 
 
 def _decode(pack, models, latent):
@@ -267,19 +248,11 @@ def test_memory_plan_on_a_gpu_chooses_block_swap_from_the_budget(pack, models):
 @pytest.fixture()
 def lora_file(model_dir, models):
     """A random rank-2 LoRA on two Linears of the tiny T2V model, plus one key matching nothing."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(5)
-    sd = {}
-    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.0"):
-        out_f, in_f = models.t2v.model.get_submodule(name).weight.shape
-        sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(2, in_f, generator=g)
-        sd[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_f, 2, generator=g) * 0.5
-    sd["diffusion_model.blocks.0.no_such_layer.lora_down.weight"] = torch.zeros(2, 4)
-    sd["diffusion_model.blocks.0.no_such_layer.lora_up.weight"] = torch.zeros(4, 2)
     folder = model_dir["diffusion_models"].parent / "loras"
     folder.mkdir(exist_ok=True)
-    save_file(sd, str(folder / "tiny_lora.safetensors"))
+    nodepack.write_tiny_lora(folder / "tiny_lora.safetensors", models.t2v.model, extra={
+        "diffusion_model.blocks.0.no_such_layer.lora_down.weight": torch.zeros(2, 4),
+        "diffusion_model.blocks.0.no_such_layer.lora_up.weight": torch.zeros(4, 2)})
     return folder
 
 

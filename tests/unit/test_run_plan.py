@@ -8,8 +8,6 @@ engine's classes are the same objects; tiny random models from the selftest writ
 from __future__ import annotations
 
 import logging
-import sys
-import types
 
 import pytest
 import torch
@@ -34,44 +32,20 @@ def wc(pack):
 
 
 @pytest.fixture(scope="module")
-def files(wc, tmp_path_factory):
+def files(pack, wc, tmp_path_factory):
     """The selftest checkpoints in ComfyUI model folders, plus a rank-2 LoRA on two Linears."""
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("models")
-    paths = wc.selftest.write_selftest_models(root / "all")
-    folders = {k: root / k for k in ("diffusion_models", "vae", "text_encoders", "clip_vision", "loras")}
-    for folder in folders.values():
-        folder.mkdir()
-    for key, path in (("diffusion_models", paths.dit_t2v), ("diffusion_models", paths.dit_i2v),
-                      ("vae", paths.vae), ("text_encoders", paths.text_encoder), ("clip_vision", paths.clip_vision)):
-        path.rename(folders[key] / path.name)
+    folders = nodepack.selftest_model_folders(pack, tmp_path_factory.mktemp("models"), extra=("loras",))
     dit = wc.load_dit(folders["diffusion_models"] / "wan_tiny_t2v.safetensors")
-    g = torch.Generator().manual_seed(5)
-    sd = {}
-    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.0"):
-        out_f, in_f = dit.get_submodule(name).weight.shape
-        sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(2, in_f, generator=g)
-        sd[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_f, 2, generator=g) * 0.5
-    save_file(sd, str(folders["loras"] / "tiny_lora.safetensors"))
+    nodepack.write_tiny_lora(folders["loras"] / "tiny_lora.safetensors", dit)
     return folders
 
 
 @pytest.fixture(scope="module")
 def models(pack, files):
-    n = pack.nodes
-    mp = pytest.MonkeyPatch()
-    mp.setitem(sys.modules, "folder_paths", nodepack.fake_folder_paths(files))
-    try:
-        return types.SimpleNamespace(
-            t2v=n.WanCoreLoadDiT().load("wan_tiny_t2v.safetensors", "fp32", "sdpa")[0],
-            i2v=n.WanCoreLoadDiT().load("wan_tiny_i2v.safetensors", "fp32", "sdpa")[0],
-            vae=n.WanCoreLoadVAE().load("wan_tiny_vae.safetensors", "fp32")[0],
-            te=n.WanCoreLoadTextEncoder().load("umt5_tiny.safetensors", "fp32")[0],
-            clip=n.WanCoreLoadCLIPVision().load("clip_vision_tiny.safetensors", "fp32")[0],
-            loras=n.WanCoreLoraLoader().load("tiny_lora.safetensors", 0.7)[0])
-    finally:
-        mp.undo()
+    loaded = nodepack.load_selftest_models(pack, files)
+    with nodepack.using_folders(files):
+        loaded.loras = pack.nodes.WanCoreLoraLoader().load("tiny_lora.safetensors", 0.7)[0]
+    return loaded
 
 
 def _masters(module) -> list[int]:

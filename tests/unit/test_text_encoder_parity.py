@@ -139,8 +139,10 @@ def test_encode_text_trims_to_real_tokens_including_eos() -> None:
     out = encode_text(model, tok, prompts, "cpu")
     assert [u.shape for u in out] == [(len(tok.encode(p)), TINY_T5.dim) for p in prompts]
     assert out[2].shape[0] == 1                                           # empty prompt: just </s>
+    # each prompt runs alone at its own length (the padding is not computed): same maths,
+    # shorter softmax sums; measured <= 1.2e-6 max abs on outputs ~|3.8| against the padded run
     for u, row, n in zip(out, full, mask.sum(1).tolist()):
-        assert torch.equal(u, row[:n])
+        torch.testing.assert_close(u, row[:n], atol=1e-5, rtol=0)
 
 
 def test_fp16_clamp_mirrors_official_rule() -> None:

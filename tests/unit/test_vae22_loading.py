@@ -92,3 +92,14 @@ def test_tiled_encode_uses_stride_16_and_the_48_value_normalisation(vae):
     assert (tiled - whole).abs().mean() < 0.5 * whole.abs().mean()
     with pytest.raises(ValueError, match="multiples of 16"):
         encode_tiled(vae, video[..., :56], tile=None)
+
+
+def test_decode_memory_estimate_scales_with_the_decoder_width():
+    from wan_core.configs import VAEConfig
+    from wan_core.vae22 import VAE22Config
+    from wan_core.vae_tiling import decode_activation_bytes, encode_activation_bytes
+    tile = (32, 32)
+    d21, d22 = decode_activation_bytes(VAEConfig(), tile), decode_activation_bytes(VAE22Config(), tile)
+    e21, e22 = encode_activation_bytes(VAEConfig(), tile), encode_activation_bytes(VAE22Config(), tile)
+    # decoder 256 vs 96 channels, encoder 160 vs 96, at the same 8x8 positions per latent pixel
+    assert d22 / d21 > 2.5 and e22 / e21 > 1.6

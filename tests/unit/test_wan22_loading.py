@@ -102,3 +102,26 @@ def test_vae_and_dit_of_different_generations_are_refused(tiny_vae):
         check_vae_for_dit(ti2v, tiny_vae)
     with pytest.raises(CheckpointError, match="needs the Wan 2.1 VAE"):
         check_vae_for_dit(tiny.TINY_DIT_T2V, vae22)
+
+
+def test_generate_refuses_a_wan21_dit_with_the_wan22_vae_before_any_run():
+    from wan_core.dit import WanDiT
+    from wan_core.pipeline import generate
+
+    with torch.device("meta"):
+        vae22 = WanVAE22(f22.TINY_VAE22)
+    dit = WanDiT(tiny.TINY_DIT_T2V).eval()
+    with pytest.raises(CheckpointError, match="needs the Wan 2.1 VAE"):
+        generate(dit=dit, vae=vae22, text_encoder=object(), prompt="a cat", width=48, height=32, frames=5, steps=2)
+
+
+@pytest.mark.parametrize("cfg", [dataclasses.replace(tiny.TINY_DIT_T2V, in_dim=48, out_dim=48, model_type="ti2v"),
+                                 I2V22])
+def test_wan21_generate_names_the_wan22_entry_point(cfg):
+    from wan_core.dit import WanDiT
+    from wan_core.pipeline import generate
+
+    with torch.device("meta"):
+        dit = WanDiT(cfg)
+    with pytest.raises(ValueError, match="generate_ti2v.*generate_a14b"):
+        generate(dit=dit, vae=object(), text_encoder=object(), prompt="a cat", width=48, height=32, frames=5)
