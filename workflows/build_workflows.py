@@ -31,6 +31,9 @@ CORE = {
                     [("VIDEO", "VIDEO")]),
     "SaveVideo": ([("video", "VIDEO", False), ("filename_prefix", "STRING", True), ("format", "COMBO", True),
                    ("codec", "COMBO", True)], []),
+    "ImagePadForOutpaint": ([("image", "IMAGE", False), ("left", "INT", True), ("top", "INT", True),
+                             ("right", "INT", True), ("bottom", "INT", True), ("feathering", "INT", True)],
+                            [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "SaveImage": ([("images", "IMAGE", False), ("filename_prefix", "STRING", True)], []),
     "CLIPLoader": ([("clip_name", "COMBO", True), ("type", "COMBO", True), ("device", "COMBO", True)],
                    [("CLIP", "CLIP")]),
@@ -396,6 +399,61 @@ def t2v_ksampler(specs) -> Graph:
     return g
 
 
+VACE_13B = "wan2.1_vace_1.3B_fp16.safetensors"
+VACE_14B = "wan2.1_vace_14B_fp16.safetensors"
+
+
+def _vace(specs, kind: str) -> Graph:
+    """Wan2.1-VACE 1.3B: ``kind`` "reference" (subjects from an image, no control video),
+    "control" (a control video's frames) or "outpaint" (a video padded, the border generated)."""
+    g = Graph(specs)
+    what = {
+        "reference": "Reference-to-video with Wan2.1-VACE 1.3B, 832x480, 81 frames: the subject of the reference "
+                     "image (fitted onto white at the video size) appears in the video, no control video. For "
+                     "several subjects, batch the images (each image of the batch is one reference).",
+        "control": "Control video with Wan2.1-VACE 1.3B, 832x480, 81 frames: the video follows the control frames. "
+                   "Here the control video is a video file cut to 81 frames and scaled to 832x480; for depth, pose "
+                   "or edge control put any preprocessor pack's node (depth, pose, canny ...) between Upscale Image and "
+                   "WanCore VACE Encode: its IMAGE output plugs straight into control_video.",
+        "outpaint": "Outpainting with Wan2.1-VACE 1.3B: the source video (cut to 81 frames, scaled to 672x384) is "
+                    "padded to 832x480 by core Pad Image for Outpainting, whose mask (1 = generate) marks the "
+                    "border; VACE keeps the source pixels and generates the rest.",
+    }[kind]
+    _note(g, what + " Official: 50 steps, shift 16, cfg 5.\n\n" + _files(VACE_13B)
+          + f"\nFor VACE 14B (better, 832x480 or 1280x720): diffusion_models/{VACE_14B} -> "
+          "ComfyUI/models/diffusion_models/ and pick it in WanCore Load Diffusion Model.\n"
+          + ("Put your reference image in ComfyUI/input/ (or drop it on Load Image)." if kind == "reference" else
+             "Put your video in ComfyUI/input/ (or drop it on Load Video)."))
+    dit, te, vae, _ = _loaders(g, VACE_13B)
+    inputs = {"vae": (vae, 0)}
+    if kind == "reference":
+        ref = g.add("LoadImage", (360, 300), {"image": "example.png"}, size=(300, 320), title="Reference image")
+        inputs["reference_images"] = (ref, 0)
+        prompt = "A white cat plays with a ball of yarn on a wooden floor, realistic style, soft light."
+    else:
+        video = g.add("LoadVideo", (360, 300), {"file": "example.mp4"}, size=(300, 320))
+        parts = g.add("GetVideoComponents", (360, 660), {}, {"video": (video, 0)}, size=(240, 100))
+        clip = g.add("ImageFromBatch", (360, 800), {"batch_index": 0, "length": 81}, {"image": (parts, 0)})
+        w, h = (832, 480) if kind == "control" else (672, 384)
+        scaled = g.add("ImageScale", (360, 960), {"upscale_method": "lanczos", "width": w, "height": h,
+                                                  "crop": "center"}, {"image": (clip, 0)})
+        if kind == "control":
+            inputs["control_video"] = (scaled, 0)
+            prompt = "A white cat walks slowly across a sunlit garden, realistic style, soft light."
+        else:
+            pad = g.add("ImagePadForOutpaint", (360, 1140), {"left": 80, "top": 48, "right": 80, "bottom": 48,
+                                                             "feathering": 0}, {"image": (scaled, 0)},
+                        size=(320, 200))
+            inputs.update(control_video=(pad, 0), control_mask=(pad, 1))
+            prompt = "A wide view of a sunlit garden, a white cat walks across the grass, realistic style."
+    embeds = g.add("WanCoreVACEEncode", (360, 660 if kind == "reference" else 1380),
+                   {"width": 832, "height": 480, "frames": 81, "strength": 1.0, "start_percent": 0.0,
+                    "end_percent": 1.0}, inputs, size=(320, 260))
+    text = _text(g, te, prompt, "t2v")
+    _sample_and_save(g, dit, text, embeds, vae, steps=50, shift=16.0, prefix=f"WanCore/vace_{kind}")
+    return g
+
+
 def graphs(specs) -> dict[str, Graph]:
     return {
         "wan_t2v_1.3B": t2v(specs, "wan2.1_t2v_1.3B_bf16.safetensors", "t2v_1.3B",
@@ -426,6 +484,9 @@ def graphs(specs) -> dict[str, Graph]:
         "wan_t2v_1.3B_loop": long_t2v(specs, loop=True),
         "wan_t2v_1.3B_core_encoders": t2v_core_encoders(specs),
         "wan_t2v_1.3B_ksampler": t2v_ksampler(specs),
+        "wan_vace_1.3B_reference_to_video": _vace(specs, "reference"),
+        "wan_vace_1.3B_control_video": _vace(specs, "control"),
+        "wan_vace_1.3B_outpainting": _vace(specs, "outpaint"),
     }
 
 

@@ -8,6 +8,7 @@ Not a test module; the test modules put this folder on ``sys.path`` and call
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -88,6 +89,13 @@ def write_models(base: Path) -> None:
         model = WanDiT(flf)
     save_file({"model.diffusion_model." + k: v for k, v in _randomize(model, 5).items()},
               str(models / "diffusion_models" / "wan_tiny_flf2v.safetensors"))
+    # a tiny VACE DiT: the selftest T2V shape with one VACE block (hints after base layer 0)
+    from wan_core.vace import WanVaceDiT
+
+    with torch.device("meta"):
+        vace = WanVaceDiT(dataclasses.replace(SELFTEST_CONFIGS["t2v"], vace_layers=(0,)))
+    save_file({"model.diffusion_model." + k: v for k, v in _randomize(vace, 7).items()},
+              str(models / "diffusion_models" / "wan_tiny_vace.safetensors"))
     # a rank-2 LoRA on two Linears of the tiny T2V model (official names, diffusion_model. prefix)
     with torch.device("meta"):
         t2v = WanDiT(SELFTEST_CONFIGS["t2v"])
@@ -233,7 +241,9 @@ def tiny(name: str, steps: int = 2, seed: int | None = None, **changes) -> dict:
             inputs["model_name"] = "wan_tiny_i2v.safetensors"
         if cls == "WanCoreLoadDiT" and "flf2v" in name:
             inputs["model_name"] = "wan_tiny_flf2v.safetensors"
-        if cls in ("WanCoreEmptyVideoEmbeds", "WanCoreImageToVideoEncode", "ImageScale"):
+        if cls == "WanCoreLoadDiT" and "vace" in name:
+            inputs["model_name"] = "wan_tiny_vace.safetensors"
+        if cls in ("WanCoreEmptyVideoEmbeds", "WanCoreImageToVideoEncode", "WanCoreVACEEncode", "ImageScale"):
             inputs.update(width=W, height=H)
             if "frames" in inputs:
                 inputs["frames"] = 1 if inputs["frames"] == 1 else FRAMES
@@ -249,6 +259,10 @@ def tiny(name: str, steps: int = 2, seed: int | None = None, **changes) -> dict:
             inputs["image"] = "example.png"
         if cls == "LoadVideo":
             inputs["file"] = "example.mp4"
+    for node in prompt.values():
+        if node["class_type"] == "ImagePadForOutpaint":   # its scaled source padded by 8 a side to W x H
+            node["inputs"].update(left=8, top=8, right=8, bottom=8)
+            prompt[node["inputs"]["image"][0]]["inputs"].update(width=W - 16, height=H - 16)
     for node_id, values in changes.items():
         prompt[node_id]["inputs"].update(values)
     return prompt

@@ -29,7 +29,8 @@ WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 CONTROL = {"fixed", "increment", "decrement", "randomize"}
 EXPECTED = {"wan_t2v_1.3B_257_context_windows", "wan_i2v_480p_extend_x3", "wan_t2v_1.3B_loop",
             "wan_t2v_14B_fp8_8GB", "wan_i2v_480p", "wan_i2v_720p", "wan_flf2v_720p", "wan_v2v_1.3B", "wan_t2v_1.3B",
-            "wan_t2i_1.3B", "wan_t2v_1.3B_core_encoders", "wan_t2v_1.3B_ksampler"}
+            "wan_t2i_1.3B", "wan_t2v_1.3B_core_encoders", "wan_t2v_1.3B_ksampler", "wan_vace_1.3B_reference_to_video",
+            "wan_vace_1.3B_control_video", "wan_vace_1.3B_outpainting"}
 
 # Core nodes (ComfyUI 0.3.64): inputs in order as (name, type or combo options, widget?), output types.
 ANY = None  # a combo listing files: any string
@@ -46,6 +47,9 @@ CORE = {
     "CreateVideo": ([("images", "IMAGE", False), ("fps", "FLOAT", True), ("audio", "AUDIO", False)], ["VIDEO"]),
     "SaveVideo": ([("video", "VIDEO", False), ("filename_prefix", "STRING", True), ("format", ["auto", "mp4"], True),
                    ("codec", ["auto", "h264"], True)], []),
+    "ImagePadForOutpaint": ([("image", "IMAGE", False), ("left", "INT", True), ("top", "INT", True),
+                             ("right", "INT", True), ("bottom", "INT", True), ("feathering", "INT", True)],
+                            ["IMAGE", "MASK"]),
     "SaveImage": ([("images", "IMAGE", False), ("filename_prefix", "STRING", True)], []),
     "CLIPLoader": ([("clip_name", ANY, True), ("type", ANY, True), ("device", ["default", "cpu"], True)], ["CLIP"]),
     "CLIPTextEncode": ([("text", "STRING", True), ("clip", "CLIP", False)], ["CONDITIONING"]),
@@ -169,7 +173,8 @@ def test_links_connect_matching_types_and_agree_with_the_nodes(path, specs):
     for n in wf["nodes"]:
         required = [name for name, kind, widget, opts in specs[n["type"]][0] if not widget]
         linked = {s["name"] for s in n["inputs"] if s["link"] is not None}
-        optional = {"audio", "end_image", "latent", "memory", "loras", "step_cache", "compile", "context", "guidance"}
+        optional = {"audio", "end_image", "latent", "memory", "loras", "step_cache", "compile", "context", "guidance",
+                    "control_video", "control_mask", "reference_images"}
         assert set(required) - optional <= linked, (path.stem, n["type"], set(required) - linked)
 
 
