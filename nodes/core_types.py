@@ -105,25 +105,22 @@ class WanCoreImageEmbedsFromCore:
 
     def encode(self, vae, clip_vision_output, start_image, width: int, height: int, frames: int,
                end_image=None, clip_vision_output_end=None):
-        from ..wan_core import ImageEmbeds, check_video_size, image_to_tensor
-        from ..wan_core.conditioning import _match_last_frame, guide_video, i2v_mask
-        from ..wan_core.vae import normalize_latents
+        from ..wan_core import check_video_size, image_embeds_from, image_to_tensor, normalize_latents
 
         check_video_size(width, height, frames)
         if (end_image is None) != (clip_vision_output_end is None):
             raise ValueError("FLF2V needs both end_image and clip_vision_output_end (the CLIPVisionEncode of the "
                              "end image); for I2V connect neither.")
-        first = image_to_tensor(start_image[0])
-        last = _match_last_frame(first, image_to_tensor(end_image[-1])) if end_image is not None else None
-        outputs = [clip_vision_output] + ([clip_vision_output_end] if last is not None else [])
+        end = image_to_tensor(end_image[-1]) if end_image is not None else None
+        outputs = [clip_vision_output] + ([clip_vision_output_end] if end is not None else [])
         feats = torch.cat([_penultimate(o) for o in outputs], dim=0)
-        guide = guide_video(first, frames, height, width, last)            # [3, T, H, W], -1..1
-        pixels = guide.permute(1, 2, 3, 0).add(1.0).div(2.0)                # core IMAGE [T, H, W, 3], 0..1
-        latents = vae.encode(pixels)                                        # raw [1, 16, T', H/8, W/8]
-        latents = normalize_latents(latents.float().cpu())[0]
-        mask = i2v_mask(frames, height // 8, width // 8, last_frame=last is not None)
-        return (ImageEmbeds(y=torch.cat([mask, latents]), clip_fea=feats, width=width, height=height,
-                            frames=frames),)
+
+        def encode_guide(guide: torch.Tensor) -> torch.Tensor:
+            pixels = guide.permute(1, 2, 3, 0).add(1.0).div(2.0)            # core IMAGE [T, H, W, 3], 0..1
+            return normalize_latents(vae.encode(pixels).float().cpu())[0]   # core VAE: raw [1, 16, T', h, w]
+
+        return (image_embeds_from(image_to_tensor(start_image[0]), feats, frames, width, height, encode_guide,
+                                  end_image=end),)
 
 
 def _penultimate(output) -> torch.Tensor:
@@ -156,7 +153,7 @@ class WanCoreDiTToModel:
         }}
 
     def convert(self, model, shift: float):
-        from ..wan_core.layers import weight_storage
+        from ..wan_core import weight_storage
 
         storage = weight_storage(model.model)
         if storage != "float":

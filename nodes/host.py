@@ -85,7 +85,7 @@ def model_folder_list(key: str) -> list[str]:
     import os
     from pathlib import Path
 
-    from ..wan_core.files import INDEX_SUFFIX, CheckpointError, weights_in_folder
+    from ..wan_core import INDEX_SUFFIX, CheckpointError, weights_in_folder
 
     names: set[str] = set()
     for base in _folder_paths(key):
@@ -208,7 +208,7 @@ def free_vram_bytes(device: torch.device) -> int | None:
         return None
     mm = _mm()
     if mm is None:
-        from ..wan_core.planner import free_vram_bytes as _free
+        from ..wan_core import free_vram_bytes as _free
 
         return _free(device)
     reserve = mm.extra_reserved_memory() if hasattr(mm, "extra_reserved_memory") else 0

@@ -64,8 +64,7 @@ class WanCoreLoadDiT:
         }}
 
     def load(self, model_name: str, weight_dtype: str, attention: str, memory=None, loras=None):
-        from ..wan_core import apply_loras, load_dit
-        from ..wan_core.quant import is_quantized
+        from ..wan_core import apply_loras, is_quantized, load_dit
 
         path = host.full_path("diffusion_models", model_name)
         host.make_room_to_load(path)

@@ -55,7 +55,7 @@ class WanCoreContextOptions:
 
     def options(self, context_frames: int, overlap: int, schedule: str, fuse: str, global_positions: bool,
                 freenoise: bool):
-        from ..wan_core.context_windows import ContextOptions
+        from ..wan_core import ContextOptions
 
         return (ContextOptions(int(context_frames), int(overlap), schedule, fuse, 1, bool(global_positions),
                                bool(freenoise)),)
@@ -101,7 +101,7 @@ class WanCoreGuidanceOptions:
 
     @classmethod
     def VALIDATE_INPUTS(cls, slg_blocks=None, cfg_schedule=None):
-        from ..wan_core.guidance import parse_blocks, parse_cfg_schedule
+        from ..wan_core import parse_blocks, parse_cfg_schedule
 
         try:
             if isinstance(slg_blocks, str):
@@ -114,7 +114,7 @@ class WanCoreGuidanceOptions:
 
     def options(self, slg_blocks: str, slg_start: float, slg_end: float, cfg_zero_star: bool, zero_init_steps: int,
                 cfg_schedule: str, riflex: bool):
-        from ..wan_core.guidance import GuidanceOptions, parse_blocks, parse_cfg_schedule
+        from ..wan_core import GuidanceOptions, parse_blocks, parse_cfg_schedule
 
         return (GuidanceOptions(slg_blocks=parse_blocks(slg_blocks), slg_start=float(slg_start),
                                 slg_end=float(slg_end), cfg_zero_star=bool(cfg_zero_star),
@@ -166,11 +166,8 @@ class WanCoreExtendVideo:
 
     def extend(self, model, vae, text_embeds, video, frames: int, overlap: int, seed: int, steps: int, cfg: float,
                shift: float, sampler: str, clip_vision=None, context=None, guidance=None, unique_id=None):
-        from ..wan_core import SamplerSettings, sample
-        from ..wan_core.context_windows import plan_shape
-        from ..wan_core.extend import check_overlap, extension_inputs, join_videos
-        from ..wan_core.pipeline import frames_from_video
-        from ..wan_core.vae_tiling import decode_tiled
+        from ..wan_core import SamplerSettings, check_overlap, extension_inputs, join_videos, plan_shape, sample
+        from ..wan_core import decode_tiled, frames_from_video
 
         dit, source = model.model, video.float().cpu()
         settings = SamplerSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, seed=seed)

@@ -66,7 +66,7 @@ def _host(stage: str, models, options, job=None):
     """(compute device, offload device, free VRAM) for ``stage``: ComfyUI is first asked to
     make room for the bytes the engine says the stage needs (it unloads only as many of its
     own models as that takes), then the free VRAM is read through the host."""
-    from ..wan_core.run_plan import stage_bytes
+    from ..wan_core import stage_bytes
 
     device = host.torch_device()
     if device.type != "cpu":
@@ -85,7 +85,7 @@ def prepare(dit, shape: Sequence[int], options):
 
 
 def text_encoder_stage(text_encoder, options):
-    from ..wan_core.run_plan import text_encoder_stage as stage
+    from ..wan_core import text_encoder_stage as stage
 
     options = _follow_host(options)
     device, _offload, free = _host("text encoder", text_encoder, options)
@@ -95,7 +95,7 @@ def text_encoder_stage(text_encoder, options):
 def image_encode_stage(*modules, what: str = "VAE + CLIP vision", size: Sequence[int] | None = None, options=None):
     """``size``: (width, height, frames) of the video encoded: plans the encode tile and sizes
     the room asked for (without it: untiled, room for the weights)."""
-    from ..wan_core.run_plan import Job, RunOptions, image_encode_stage as stage
+    from ..wan_core import Job, RunOptions, image_encode_stage as stage
 
     options = _follow_host(options or RunOptions())
     job = None if size is None else Job(*(int(v) for v in size), encode_video=True)
@@ -106,7 +106,7 @@ def image_encode_stage(*modules, what: str = "VAE + CLIP vision", size: Sequence
 def decode_stage(vae, options, latent_shape: Sequence[int] | None = None):
     """``latent_shape``: the latents decoded (``[..., T', h, w]``), which the tiles and the room
     asked for are planned for."""
-    from ..wan_core.run_plan import decode_stage as stage
+    from ..wan_core import decode_stage as stage
 
     options = _follow_host(options)
     device, _offload, free = _host("decode", vae, options, latent_shape)

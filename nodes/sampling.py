@@ -94,7 +94,7 @@ class WanCoreSampler:
                compile=None, context=None, guidance=None, unique_id=None):
         from ..wan_core import (ConditioningError, ImageEmbeds, SamplerSettings, VaceEmbeds, check_conditioning,
                                 latent_shape, sample)
-        from ..wan_core.vae import denormalize_latents, normalize_latents
+        from ..wan_core import denormalize_latents, normalize_latents
 
         dit = model.model
         image = video_embeds if isinstance(video_embeds, ImageEmbeds) else None
@@ -123,7 +123,7 @@ class WanCoreSampler:
         settings = SamplerSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, seed=seed, denoise=denoise)
         progress = host.Progress(steps, unique_id, preview=True)
         options = plans.run_options(memory or model.memory, loras or (), step_cache, compile)
-        from ..wan_core.context_windows import plan_shape
+        from ..wan_core import plan_shape
 
         # with context windows the plan budgets one window's frames (the peak)
         with plans.prepare(dit, plan_shape(shape, context), options) as plan, plan.sampling() as runner:

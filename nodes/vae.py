@@ -55,7 +55,7 @@ class WanCoreDecode:
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def decode(self, vae, latent, tiling: str, tile_size: int, tile_overlap: int, memory=None, unique_id=None):
-        from ..wan_core.vae_tiling import decode_tiled
+        from ..wan_core import decode_tiled
 
         z = latent["samples"]
         if z.ndim != 5 or z.shape[1] != LATENT_CHANNELS:
@@ -96,9 +96,7 @@ class WanCoreEncode:
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def encode(self, vae, images, tiling: str, tile_size: int, tile_overlap: int, unique_id=None):
-        from ..wan_core import check_video_size
-        from ..wan_core.pipeline import video_to_tensor
-        from ..wan_core.vae_tiling import encode_tiled
+        from ..wan_core import check_video_size, encode_tiled, video_to_tensor
 
         t, h, w = images.shape[0], images.shape[1], images.shape[2]
         try:

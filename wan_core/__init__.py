@@ -95,6 +95,18 @@ from .conditioning22 import encode_image_latents
 from .loaders22 import check_vae_for_dit, expert_paths, load_expert_pair
 from .ti2v import TI2V_DEFAULTS, FirstFrameRunner, encode_ti2v_image, ti2v_latent_shape
 from .generate22 import generate_a14b, generate_ti2v
+# Building blocks the ComfyUI nodes (and other hosts) use: the nodes import only from here.
+from .conditioning import image_embeds_from
+from .context_windows import plan_shape
+from .extend import check_overlap, extension_inputs, join_videos
+from .files import INDEX_SUFFIX, weights_in_folder
+from .guidance import parse_blocks, parse_cfg_schedule
+from .layers import weight_storage
+from .pipeline import frames_from_video, video_to_tensor
+from .planner import free_vram_bytes
+from .quant import is_quantized
+from .run_plan import decode_stage, image_encode_stage, stage_bytes, text_encoder_stage
+from .vae import denormalize_latents, normalize_latents
 
 __version__ = "0.1.0"
 
@@ -123,4 +135,5 @@ __all__ = [
     "encode_ti2v_image", "ti2v_latent_shape",
     "generate_a14b", "generate_ti2v",
     "__version__",
+    "image_embeds_from", "plan_shape", "check_overlap", "extension_inputs", "join_videos", "INDEX_SUFFIX", "weights_in_folder", "parse_blocks", "parse_cfg_schedule", "weight_storage", "frames_from_video", "video_to_tensor", "free_vram_bytes", "is_quantized", "decode_stage", "image_encode_stage", "stage_bytes", "text_encoder_stage", "denormalize_latents", "normalize_latents",
 ]

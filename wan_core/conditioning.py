@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -207,7 +208,6 @@ def encode_image_conditioning(vae, clip_vision, image: Tensor, frames: int, widt
     from .clip_vision import encode_image
 
     check_video_size(width, height, frames)
-    lat_h, lat_w = height // SPACE_STRIDE, width // SPACE_STRIDE
     for img, which in ((image, "start"), (end_image, "end")):
         if img is not None and not all_finite(img):
             raise NonFiniteError(f"the {which} image contains NaN/Inf; give an image with values in -1..1.")
@@ -217,15 +217,34 @@ def encode_image_conditioning(vae, clip_vision, image: Tensor, frames: int, widt
         cause = describe_nonfinite_weights(clip_vision, "CLIP vision") or (
             "fp16 overflow in CLIP vision: load it in bf16 or fp32")
         raise NonFiniteError(f"the CLIP vision features of the image contain NaN/Inf. Likely cause: {cause}.")
-    guide = guide_video(images[0], frames, height, width, images[1] if end_image is not None else None)
     if vae_tile is None:
-        latents = vae.encode(guide[None])[0].float().cpu()
+        def encode_guide(guide: Tensor) -> Tensor:
+            return vae.encode(guide[None])[0]
     else:
         from .vae_tiling import encode_tiled
 
-        latents = encode_tiled(vae, guide[None], tile=vae_tile)[0].float().cpu()
-    mask = i2v_mask(frames, lat_h, lat_w, last_frame=end_image is not None)
-    return ImageEmbeds(y=torch.cat([mask, latents]), clip_fea=feats.float().cpu(), width=width, height=height,
+        def encode_guide(guide: Tensor) -> Tensor:
+            return encode_tiled(vae, guide[None], tile=vae_tile)[0]
+    return image_embeds_from(images[0], feats, frames, width, height, encode_guide,
+                             end_image=images[1] if end_image is not None else None)
+
+
+def image_embeds_from(image: Tensor, clip_fea: Tensor, frames: int, width: int, height: int,
+                      encode_guide: Callable[[Tensor], Tensor], end_image: Tensor | None = None) -> ImageEmbeds:
+    """I2V / FLF2V conditioning from CLIP tokens computed elsewhere (ours or a host's CLIP
+    vision) and an encoder of the guide video, as the official code builds it.
+
+    image / end_image: ``[3, H, W]`` in -1..1 (an end image of another size is fitted to the
+    start image as the official FLF2V code does). clip_fea: ``[257 or 514, 1280]``.
+    encode_guide: guide video ``[3, frames, height, width]`` in -1..1 -> normalised latents
+    ``[16, T', height/8, width/8]``.
+    """
+    check_video_size(width, height, frames)
+    last = _match_last_frame(image, end_image) if end_image is not None else None
+    guide = guide_video(image, frames, height, width, last)
+    latents = encode_guide(guide).float().cpu()
+    mask = i2v_mask(frames, height // SPACE_STRIDE, width // SPACE_STRIDE, last_frame=last is not None)
+    return ImageEmbeds(y=torch.cat([mask, latents]), clip_fea=clip_fea.float().cpu(), width=width, height=height,
                        frames=frames)
 
 
