@@ -54,34 +54,11 @@ for p in (ROOT, ROOT / "tests", ROOT / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from benchlib import import_official, official_src, reset_peak, status_kib  # noqa: E402
+
 PROMPT = "a cat walks on the grass, realistic style"
 NEGATIVE = "static, blurry, worst quality"
 SPIECE = ROOT / "tests" / "data" / "tiny_spiece.model"
-
-
-def official_src() -> Path | None:
-    src = os.environ.get("WAN21_SRC")
-    return Path(src) if src and (Path(src) / "wan" / "text2video.py").is_file() else None
-
-
-def _status_kib(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- weights
@@ -128,38 +105,10 @@ def _ours(workdir: Path):
 
 
 def _import_official(src: Path):
-    """``wan.text2video`` of the exported tree, packages entered without their ``__init__``,
-    flash attention -> float32 SDPA (this process only)."""
-    import importlib
-    import types
-    from unittest import mock
-
-    import torch
-    import torch.nn.functional as F
-
-    for name in ("wan", "wan.modules", "wan.utils", "wan.distributed"):
-        if name not in sys.modules:
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [str(src.joinpath(*name.split(".")))]
-            sys.modules[name] = pkg
-    with mock.patch.object(torch.cuda, "current_device", lambda: 0):
-        t5 = importlib.import_module("wan.modules.t5")
-    model = importlib.import_module("wan.modules.model")
-
-    def sdpa(q, k, v, q_lens=None, k_lens=None, *args, **kwargs):
-        # q, k, v: [B, L, N, D] as flash_attention takes them; k_lens masks padded keys
-        mask = None
-        if k_lens is not None:
-            keep = torch.arange(k.shape[1])[None, :] < k_lens.to("cpu")[:, None]
-            mask = keep[:, None, None, :]
-        dtype = q.dtype
-        out = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
-                                             v.transpose(1, 2).float(), attn_mask=mask)
-        return out.transpose(1, 2).contiguous().to(dtype)
-
-    model.flash_attention = sdpa
-    t2v = importlib.import_module("wan.text2video")
-    return t2v, t5, importlib.import_module("wan.modules.vae"), model
+    """``wan.text2video`` and the modules it drives, from the exported tree (benchlib)."""
+    model = import_official("modules.model", src)     # first: patches flash attention before text2video
+    t5 = import_official("modules.t5", src)
+    return import_official("text2video", src), t5, import_official("modules.vae", src), model
 
 
 def _official(workdir: Path):
@@ -170,7 +119,7 @@ def _official(workdir: Path):
 
     import tiny
 
-    src = official_src()
+    src = official_src("wan/text2video.py")
     assert src is not None
     t2v_mod, t5_mod, vae_mod, model_mod = _import_official(src)
     c = tiny.TINY_T5
@@ -234,15 +183,15 @@ def memory_worker(a: argparse.Namespace) -> None:
     start = time.perf_counter()
     job = _load(a.worker, workdir)
     load_s = time.perf_counter() - start
-    loaded = _status_kib("VmRSS")
-    load_peak = _status_kib("VmHWM")
-    reset = _reset_peak()
+    loaded = status_kib("VmRSS")
+    load_peak = status_kib("VmHWM")
+    reset = reset_peak()
     with torch.no_grad():
         out = job(a)
     torch.save(out, workdir / f"{a.worker}_frames.pt")
     print(json.dumps({"load_s": load_s, "loaded_mib": loaded / 1024,
-                      "job_peak_mib": _status_kib("VmHWM") / 1024 if reset else None,
-                      "peak_rss_mib": max(load_peak, _status_kib("VmHWM")) / 1024,
+                      "job_peak_mib": status_kib("VmHWM") / 1024 if reset else None,
+                      "peak_rss_mib": max(load_peak, status_kib("VmHWM")) / 1024,
                       "peak_reset": reset, "frames_shape": list(out.shape)}))
 
 
@@ -303,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sides = ["ours"]
-    if official_src() is None:
+    if official_src("wan/text2video.py") is None:
         print("official Wan 2.1 pipeline skipped: set WAN21_SRC to an exported Wan-Video/Wan2.1 tree "
               "(the folder holding wan/text2video.py); running ours only")
     else:

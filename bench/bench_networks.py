@@ -63,8 +63,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: wan_core lives in the repo root
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "bench"):  # run as a script from anywhere: wan_core lives in the repo root
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from benchlib import import_official, official_src, reset_peak, status_kib  # noqa: E402
 CASES = ("dit", "vae", "vae_encode", "t5", "clip")
 #: every side per network; "official" needs WAN21_SRC
 PEERS: dict[str, tuple[str, ...]] = {
@@ -81,42 +84,6 @@ def sides(case: str) -> tuple[str, ...]:
     """The sides run for ``case``: official only where WAN21_SRC names an exported tree."""
     have = official_src() is not None
     return tuple(s for s in PEERS[case] if s != "official" or have)
-
-
-def official_src() -> Path | None:
-    src = os.environ.get("WAN21_SRC")
-    return Path(src) if src and (Path(src) / "wan" / "modules" / "model.py").is_file() else None
-
-
-def import_official(module: str):
-    """``wan.modules.<module>`` of the exported official tree, without ``wan/__init__`` (which
-    pulls configs and their extra packages); flash attention -> float32 SDPA."""
-    import importlib
-    import types
-    from unittest import mock
-
-    import torch
-    import torch.nn.functional as F
-
-    src = official_src()
-    for name, path in (("wan", src / "wan"), ("wan.modules", src / "wan" / "modules")):
-        if name not in sys.modules:
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [str(path)]
-            sys.modules[name] = pkg
-    sys.modules.setdefault("ftfy", types.ModuleType("ftfy"))   # tokenizer text cleaning only
-    # t5.py evaluates ``torch.cuda.current_device()`` as a default argument at import time
-    with mock.patch.object(torch.cuda, "current_device", lambda: 0):
-        mod = importlib.import_module(f"wan.modules.{module}")
-
-    def sdpa(q, k, v, q_lens=None, k_lens=None, *args, **kwargs):
-        # every call of the official DiT on these inputs has full lengths (no padding mask)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2).contiguous()
-
-    if hasattr(mod, "flash_attention"):
-        mod.flash_attention = sdpa
-    return mod
 
 
 # --------------------------------------------------------------------------- configs
@@ -156,28 +123,6 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 
 # --------------------------------------------------------------------------- memory
-
-def _status_kib(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in KiB (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False when not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
 
 # --------------------------------------------------------------------------- weight files
 
@@ -235,18 +180,18 @@ def _load(case: str, side: str, workdir: Path, args: argparse.Namespace):
         sd = load_file(str(workdir / f"{net}_official.safetensors"))
         if net == "dit":
             cfg = dit_config(args.layers)
-            model = import_official("model").WanModel(
+            model = import_official("modules.model").WanModel(
                 model_type="t2v", patch_size=cfg.patch_size, text_len=cfg.text_len, in_dim=cfg.in_dim,
                 dim=cfg.dim, ffn_dim=cfg.ffn_dim, freq_dim=cfg.freq_dim, text_dim=cfg.text_dim,
                 out_dim=cfg.out_dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers, eps=cfg.eps)
         elif net == "vae":
             cfg = vae_config()
-            model = import_official("vae").WanVAE_(
+            model = import_official("modules.vae").WanVAE_(
                 dim=cfg.dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult), num_res_blocks=cfg.num_res_blocks,
                 attn_scales=[], temperal_downsample=list(cfg.temporal_downsample), dropout=0.0)
         else:
             c = t5_config(args.t5_layers)
-            model = import_official("t5").T5Encoder(c.vocab, c.dim, c.dim_attn, c.dim_ffn, c.num_heads,
+            model = import_official("modules.t5").T5Encoder(c.vocab, c.dim, c.dim_attn, c.dim_ffn, c.num_heads,
                                                     c.num_layers, c.num_buckets, shared_pos=False, dropout=0.0)
         model.load_state_dict(sd, strict=True)
         del sd
@@ -370,14 +315,14 @@ def memory_worker(args: argparse.Namespace) -> None:
     _, case, side = args.worker.split(":")
     workdir = Path(args.workdir)
     model = _load(case, side, workdir, args)
-    load_peak = _status_kib("VmHWM")
+    load_peak = status_kib("VmHWM")
     fn = _call(case, side, model, args)
-    loaded = _status_kib("VmRSS")
-    reset = _reset_peak()
+    loaded = status_kib("VmRSS")
+    reset = reset_peak()
     with torch.no_grad():
         fn()         # first call: allocator warm-up (and, ours, the per-run text K/V)
         out = fn()   # and one in steady state
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     torch.save(out.detach().float().contiguous(), workdir / f"{case}_{side}_out.pt")
     print(json.dumps({"load_peak_mib": load_peak / 1024, "loaded_mib": loaded / 1024,
                       "peak_mib": peak / 1024, "extra_mib": (peak - loaded) / 1024,
