@@ -100,7 +100,7 @@ def _ours(workdir: Path):
     def job(a) -> torch.Tensor:
         return generate(dit=dit, vae=vae, text_encoder=te, prompt=PROMPT, negative_prompt=NEGATIVE,
                         width=a.width, height=a.height, frames=a.frames, steps=a.steps, cfg=a.cfg,
-                        shift=a.shift, sampler="unipc", seed=a.seed, device="cpu")
+                        shift=a.shift, sampler="unipc", seed=a.seed, device=a.device)
     return job
 
 
@@ -111,7 +111,7 @@ def _import_official(src: Path):
     return import_official("text2video", src), t5, import_official("modules.vae", src), model
 
 
-def _official(workdir: Path):
+def _official(workdir: Path, device: str = "cpu"):
     import functools
     from unittest import mock
 
@@ -128,7 +128,7 @@ def _official(workdir: Path):
         return t5_mod.T5Encoder(c.vocab, c.dim, c.dim_attn, c.dim_ffn, c.num_heads, c.num_layers,
                                 c.num_buckets, shared_pos=False, dropout=0.0).to(dtype=dtype, device=device)
 
-    cpu = torch.device("cpu")
+    cpu = torch.device(device)   # "cpu" by default; the names stay the official ones
     with mock.patch.object(t5_mod, "umt5_xxl", tiny_umt5):
         text_encoder = t5_mod.T5EncoderModel(text_len=512, dtype=torch.float32, device=cpu,
                                              checkpoint_path=str(workdir / "t5.pth"),
@@ -141,11 +141,12 @@ def _official(workdir: Path):
                              dim=d.dim, ffn_dim=d.ffn_dim, freq_dim=d.freq_dim, text_dim=d.text_dim,
                              out_dim=d.out_dim, num_heads=d.num_heads, num_layers=d.num_layers, eps=d.eps)
     dit.load_state_dict(torch.load(workdir / "dit.pth", map_location="cpu"), strict=True)
-    dit.eval().requires_grad_(False)
+    dit.eval().requires_grad_(False).to(cpu)
 
-    # the attributes WanT2V.__init__ sets (config t2v-1.3B, device CPU, one process)
+    # the attributes WanT2V.__init__ sets (config t2v-1.3B, one process; the umT5 on the device
+    # on a GPU as WanT2V's default t5_cpu=False, float32 weights: the tiny models are random)
     pipe = t2v_mod.WanT2V.__new__(t2v_mod.WanT2V)
-    pipe.device, pipe.config, pipe.rank, pipe.t5_cpu = cpu, None, 0, True
+    pipe.device, pipe.config, pipe.rank, pipe.t5_cpu = cpu, None, 0, cpu.type == "cpu"
     pipe.num_train_timesteps, pipe.param_dtype = 1000, torch.float32
     pipe.text_encoder, pipe.vae, pipe.model = text_encoder, vae, dit
     pipe.vae_stride, pipe.patch_size, pipe.sp_size = (4, 8, 8), (1, 2, 2), 1
@@ -156,7 +157,7 @@ def _official(workdir: Path):
                               sample_solver="unipc", sampling_steps=a.steps, guide_scale=a.cfg,
                               n_prompt=NEGATIVE, seed=a.seed, offload_model=False)
         # [3, T, H, W] in -1..1 -> [T, H, W, 3] in 0..1, as ours returns
-        return video.float().add(1).div(2).clamp(0, 1).permute(1, 2, 3, 0).contiguous()
+        return video.float().add(1).div(2).clamp(0, 1).permute(1, 2, 3, 0).contiguous().cpu()
     return job
 
 
@@ -172,8 +173,15 @@ def _quiet(a: argparse.Namespace):
     return torch
 
 
-def _load(side: str, workdir: Path):
-    return _ours(workdir) if side == "ours" else _official(workdir)
+def _load(side: str, workdir: Path, a: argparse.Namespace):
+    return _ours(workdir) if side == "ours" else _official(workdir, a.device)
+
+
+def _sync(a: argparse.Namespace) -> None:
+    import torch
+
+    if a.device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def memory_worker(a: argparse.Namespace) -> None:
@@ -181,15 +189,19 @@ def memory_worker(a: argparse.Namespace) -> None:
     torch = _quiet(a)
     workdir = Path(a.workdir)
     start = time.perf_counter()
-    job = _load(a.worker, workdir)
+    job = _load(a.worker, workdir, a)
     load_s = time.perf_counter() - start
     loaded = status_kib("VmRSS")
     load_peak = status_kib("VmHWM")
     reset = reset_peak()
+    cuda = a.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         out = job(a)
     torch.save(out, workdir / f"{a.worker}_frames.pt")
     print(json.dumps({"load_s": load_s, "loaded_mib": loaded / 1024,
+                      "device_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                       "job_peak_mib": status_kib("VmHWM") / 1024 if reset else None,
                       "peak_rss_mib": max(load_peak, status_kib("VmHWM")) / 1024,
                       "peak_reset": reset, "frames_shape": list(out.shape)}))
@@ -203,7 +215,7 @@ def timing_worker(a: argparse.Namespace) -> None:
     torch = _quiet(a)
     workdir = Path(a.workdir)
     order = a.sides.split(",")
-    jobs = {side: _load(side, workdir) for side in order}
+    jobs = {side: _load(side, workdir, a) for side in order}
     times: dict[str, list[float]] = {side: [] for side in order}
     with torch.no_grad():
         for side in order:
@@ -211,8 +223,10 @@ def timing_worker(a: argparse.Namespace) -> None:
         for i in range(a.repeats):
             k = i % len(order)
             for side in order[k:] + order[:k]:
+                _sync(a)
                 start = time.perf_counter()
                 jobs[side](a)
+                _sync(a)
                 times[side].append(time.perf_counter() - start)
     print(json.dumps({side: {"times_s": t, "median_s": statistics.median(t)} for side, t in times.items()}))
 
@@ -222,7 +236,7 @@ def _run(task: str, workdir: Path, a: argparse.Namespace, sides: list[str]) -> d
            "--sides", ",".join(sides),
            "--size", f"{a.width}x{a.height}", "--frames", str(a.frames), "--steps", str(a.steps),
            "--cfg", str(a.cfg), "--shift", str(a.shift), "--seed", str(a.seed),
-           "--repeats", str(a.repeats), "--threads", str(a.threads)]
+           "--repeats", str(a.repeats), "--threads", str(a.threads), "--device", a.device]
     env = dict(os.environ, TQDM_DISABLE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -241,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] (both sides on the GPU; the "
+                    "flash -> SDPA replacement of the official code stays; 'device peak' = max_memory_allocated)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -251,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         timing_worker(a) if a.worker == "timing" else memory_worker(a)
         return 0
 
+    if a.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error(f"--device {a.device}: this torch has no CUDA device (torch {torch.__version__})")
     sides = ["ours"]
     if official_src("wan/text2video.py") is None:
         print("official Wan 2.1 pipeline skipped: set WAN21_SRC to an exported Wan-Video/Wan2.1 tree "

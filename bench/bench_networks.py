@@ -5,12 +5,21 @@
     WAN21_SRC=/tmp/wan21 python bench/bench_networks.py --latent 5x30x52   # + official Wan 2.1
 
 Peers per network: DiT forward, VAE decode and VAE encode against diffusers and the official
-Wan 2.1 code; the umT5 and CLIP encoders against transformers (and umT5 against the official
-code). The official code is read from an exported tree of ``Wan-Video/Wan2.1`` named by the
+Wan 2.1 code; the umT5 and CLIP encoders against transformers and the official code (CLIP:
+the visual tower of its ``clip_xlm_roberta_vit_h_14``, called as ``CLIPModel.visual`` calls it,
+``use_31_block=True``). The official code is read from an exported tree of ``Wan-Video/Wan2.1`` named by the
 environment variable ``WAN21_SRC`` (``wan/modules``; never part of this repository); without
 it that peer is skipped with the reason printed. Its ``flash_attention`` is replaced by SDPA
 in float32 (CPU; the only change, made in this process only), its ``ftfy`` import (tokenizer
 only) by an empty module. "ratio" is ours / the fastest peer.
+
+GPU (``--device cuda --dtype bf16``, written for a lent device, not run on the CPU-only
+machine it was written on): inputs and models on the device, every timed call between two
+``torch.cuda.synchronize()``, "peak" = ``torch.cuda.max_memory_allocated`` after a reset;
+``--attention sage|flash`` picks our DiT's kernel, ``--keep-flash`` keeps the official
+flash-attn call; the DiT adds two of our sides: ``ours_fp8`` (scaled fp8 e4m3fn weights
+through ``torch._scaled_mm``, compute capability >= 8.9) and ``ours_compiled`` (per-block
+``torch.compile``, compiled during the warm-up call).
 
 Our DiT side is a :class:`wan_core.runner.DiTRunner` call after one warm-up with the same
 text: the steady state of a sampling step, whose cross-attention K/V of the text are computed
@@ -75,15 +84,33 @@ PEERS: dict[str, tuple[str, ...]] = {
     "vae": ("ours", "diffusers", "official"),
     "vae_encode": ("ours", "diffusers", "official"),
     "t5": ("ours", "ours_plain", "transformers", "official"),
-    "clip": ("ours", "transformers"),
+    "clip": ("ours", "transformers", "official"),
 }
-OURS = ("ours", "ours_plain")
+#: our GPU-only DiT variants (``--device cuda``): fp8 e4m3fn weights through torch._scaled_mm
+#: (compute capability >= 8.9), and per-block torch.compile (inductor)
+GPU_SIDES: dict[str, tuple[str, ...]] = {"dit": ("ours_fp8", "ours_compiled")}
+OURS = ("ours", "ours_plain", "ours_fp8", "ours_compiled")
 
 
-def sides(case: str) -> tuple[str, ...]:
-    """The sides run for ``case``: official only where WAN21_SRC names an exported tree."""
+def sides(case: str, device: str = "cpu") -> tuple[str, ...]:
+    """The sides run for ``case``: official only where WAN21_SRC names an exported tree; our
+    GPU-only variants on a CUDA device."""
     have = official_src() is not None
-    return tuple(s for s in PEERS[case] if s != "official" or have)
+    extra = GPU_SIDES.get(case, ()) if device.startswith("cuda") else ()
+    return tuple(s for s in PEERS[case] + extra if s != "official" or have)
+
+
+def _dtype(args: argparse.Namespace):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+
+
+def _sync(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------- configs
@@ -156,13 +183,28 @@ def _load(case: str, side: str, workdir: Path, args: argparse.Namespace):
     from safetensors.torch import load_file
 
     net = "vae" if case == "vae_encode" else case
+    half = args.dtype != "fp32"
     if side in OURS:
         from wan_core.loaders import load_dit, load_vae
 
         if net == "dit":
-            return load_dit(workdir / "dit_official.safetensors").eval()
+            path = workdir / "dit_official.safetensors"
+            if side == "ours_fp8":   # scaled fp8 storage, bf16 compute, torch._scaled_mm
+                from wan_core.layers import enable_fp8_matmul
+
+                model = load_dit(path, weight_dtype="fp8_e4m3fn", compute_dtype=torch.bfloat16,
+                                 attention=args.attention).eval().to(args.device)
+                enable_fp8_matmul(model, args.device)
+                return model
+            model = load_dit(path, dtype=_dtype(args) if half else None, attention=args.attention)
+            model = model.eval().to(args.device)
+            if side == "ours_compiled":
+                from wan_core.compile import compile_blocks
+
+                compile_blocks(model)
+            return model
         if net == "vae":
-            return load_vae(workdir / "vae_official.safetensors").eval()
+            return load_vae(workdir / "vae_official.safetensors").eval().to(args.device)
         sd = load_file(str(workdir / f"{net}_official.safetensors"))
         if net == "t5":
             from wan_core.text_encoder import UMT5Encoder
@@ -174,13 +216,22 @@ def _load(case: str, side: str, workdir: Path, args: argparse.Namespace):
             model = CLIPVisionTower(clip_config(args.clip_layers))
             sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
         model.load_state_dict(sd, strict=True)
-        return model.eval()
+        if half:   # the network's own precision policy (its float32 parameters stay float32)
+            model.precision.cast_storage(model, _dtype(args))
+        return model.eval().to(args.device)
 
     if side == "official":
         sd = load_file(str(workdir / f"{net}_official.safetensors"))
-        if net == "dit":
+        if net == "clip":   # the visual tower of clip_xlm_roberta_vit_h_14, as the official CLIPModel builds it
+            c = clip_config(args.clip_layers)
+            model = import_official("modules.clip", keep_flash=args.keep_flash).VisionTransformer(
+                image_size=c.image_size, patch_size=c.patch_size, dim=c.width, mlp_ratio=c.mlp_dim // c.width,
+                out_dim=c.out_dim, num_heads=c.num_heads, num_layers=c.num_layers, pool_type="token",
+                pre_norm=True, post_norm=False, activation="gelu", norm_eps=c.eps)
+            sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+        elif net == "dit":
             cfg = dit_config(args.layers)
-            model = import_official("modules.model").WanModel(
+            model = import_official("modules.model", keep_flash=args.keep_flash).WanModel(
                 model_type="t2v", patch_size=cfg.patch_size, text_len=cfg.text_len, in_dim=cfg.in_dim,
                 dim=cfg.dim, ffn_dim=cfg.ffn_dim, freq_dim=cfg.freq_dim, text_dim=cfg.text_dim,
                 out_dim=cfg.out_dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers, eps=cfg.eps)
@@ -195,7 +246,8 @@ def _load(case: str, side: str, workdir: Path, args: argparse.Namespace):
                                                     c.num_layers, c.num_buckets, shared_pos=False, dropout=0.0)
         model.load_state_dict(sd, strict=True)
         del sd
-        return model.eval().to(torch.float32)
+        # float32 weights; with --dtype bf16/fp16 it runs under torch.autocast, as its pipelines do
+        return model.eval().to(args.device, torch.float32)
 
     sd = load_file(str(workdir / f"{net}_{side}.safetensors"))
     if net == "dit":
@@ -230,7 +282,7 @@ def _load(case: str, side: str, workdir: Path, args: argparse.Namespace):
                         feed_forward_proj="gated-gelu", dropout_rate=0.0)
         model = UMT5EncoderModel(hc)
         model.load_state_dict(sd, strict=False)   # encoder.embed_tokens is tied to shared
-        return model.eval().to(torch.float32)
+        return model.eval().to(args.device, _dtype(args))
     else:
         from transformers import CLIPVisionConfig as HFCLIPVisionConfig
         from transformers import CLIPVisionModelWithProjection
@@ -245,26 +297,45 @@ def _load(case: str, side: str, workdir: Path, args: argparse.Namespace):
     # memory like ours, not in pages of the mmap-ed file that count only once touched
     model.load_state_dict(sd, strict=True)
     del sd
-    return model.eval().to(torch.float32)
+    return model.eval().to(args.device, _dtype(args))
 
 
 def _call(case: str, side: str, model, args: argparse.Namespace):
+    """:func:`_call_on` with the inputs on ``--device``; the official code under
+    ``torch.autocast`` for a half ``--dtype`` (its own pipelines' way)."""
+    import contextlib
+
+    import torch
+
+    fn = _call_on(case, side, model, args)
+    if side != "official" or args.dtype == "fp32":
+        return fn
+    device_type = torch.device(args.device).type
+
+    def autocast_call():
+        with torch.autocast(device_type, dtype=_dtype(args)) if device_type == "cuda" else contextlib.nullcontext():
+            return fn()
+    return autocast_call
+
+
+def _call_on(case: str, side: str, model, args: argparse.Namespace):
     """A zero-argument function running one forward / decode / encode; all sides of a case
     return the same quantity (compared as ``max|diff|``)."""
     import torch
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(args.seed + 1)
+    dev = args.device
     if case == "dit":
         cfg = dit_config(args.layers)
         f, h, w = args.latent
-        x = torch.randn(1, cfg.in_dim, f, h, w, generator=g)
-        t = torch.tensor([700.0])
-        context = torch.randn(1, args.text_tokens, cfg.text_dim, generator=g)
-        if side == "ours":
+        x = torch.randn(1, cfg.in_dim, f, h, w, generator=g).to(dev)
+        t = torch.tensor([700.0], device=dev)
+        context = torch.randn(1, args.text_tokens, cfg.text_dim, generator=g).to(dev)
+        if side in ("ours", "ours_fp8", "ours_compiled"):   # a sampling step: the runner, its text K/V kept
             from wan_core.runner import DiTRunner
 
-            runner = DiTRunner(model)
+            runner = DiTRunner(model, context_cache=True)
             runner.begin_run(1)
             return lambda: runner(x, t, context, branch="cond")
         if side == "ours_plain":
@@ -275,7 +346,7 @@ def _call(case: str, side: str, model, args: argparse.Namespace):
         return lambda: model(x, t, padded, return_dict=False)[0]
     if case == "vae":
         f, h, w = args.vae_latent
-        z = torch.randn(1, 16, f, h, w, generator=g)
+        z = torch.randn(1, 16, f, h, w, generator=g).to(dev)
         if side == "ours":
             return lambda: model.decode(z, normalized=False)
         if side == "official":
@@ -283,7 +354,7 @@ def _call(case: str, side: str, model, args: argparse.Namespace):
         return lambda: model.decode(z).sample
     if case == "vae_encode":
         f, h, w = args.vae_latent
-        video = torch.rand(1, 3, 4 * (f - 1) + 1, 8 * h, 8 * w, generator=g) * 2 - 1
+        video = (torch.rand(1, 3, 4 * (f - 1) + 1, 8 * h, 8 * w, generator=g) * 2 - 1).to(dev)
         if side == "ours":
             return lambda: model.encode(video, normalize=False)
         if side == "official":
@@ -294,6 +365,7 @@ def _call(case: str, side: str, model, args: argparse.Namespace):
         ids = torch.randint(4, c.vocab, (1, c.text_len), generator=g)
         mask = torch.ones(1, c.text_len, dtype=torch.int64)
         ids[0, args.text_tokens:], mask[0, args.text_tokens:] = 0, 0   # padded to 512 as upstream
+        ids, mask = ids.to(dev), mask.to(dev)
         n = args.text_tokens
         if side == "ours":   # wan_core.text_encoder.encode_text: the padding is not computed
             return lambda: model(ids[:, :n])
@@ -301,29 +373,45 @@ def _call(case: str, side: str, model, args: argparse.Namespace):
             return lambda: model(ids, mask)[:, :n]
         return lambda: model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :n]
     c = clip_config(args.clip_layers)
-    pixels = torch.randn(1, 3, c.image_size, c.image_size, generator=g)
+    pixels = torch.randn(1, 3, c.image_size, c.image_size, generator=g).to(dev, _dtype(args))
     if side == "ours":
         return lambda: model(pixels)
+    if side == "official":   # CLIPModel.visual: the output of the first 31 blocks
+        return lambda: model(pixels, use_31_block=True)
     return lambda: model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
 
 
 def memory_worker(args: argparse.Namespace) -> None:
-    """Peak RSS of one (network, side) in this fresh process; prints one JSON line."""
+    """Peak RSS (on a GPU: peak allocated device memory) of one (network, side) in this fresh
+    process; prints one JSON line."""
     import torch
 
     torch.set_num_threads(args.threads)
     _, case, side = args.worker.split(":")
     workdir = Path(args.workdir)
+    cuda = args.device.startswith("cuda")
     model = _load(case, side, workdir, args)
-    load_peak = status_kib("VmHWM")
+    _sync(args)
+
+    def now(field: str) -> int:   # KiB
+        if not cuda:
+            return status_kib(field)
+        return (torch.cuda.max_memory_allocated() if field == "VmHWM" else torch.cuda.memory_allocated()) // 1024
+
+    load_peak = now("VmHWM")
     fn = _call(case, side, model, args)
-    loaded = status_kib("VmRSS")
-    reset = reset_peak()
+    loaded = now("VmRSS")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        reset = True
+    else:
+        reset = reset_peak()
     with torch.no_grad():
         fn()         # first call: allocator warm-up (and, ours, the per-run text K/V)
         out = fn()   # and one in steady state
-    peak = status_kib("VmHWM")
-    torch.save(out.detach().float().contiguous(), workdir / f"{case}_{side}_out.pt")
+    _sync(args)
+    peak = now("VmHWM")
+    torch.save(out.detach().float().cpu().contiguous(), workdir / f"{case}_{side}_out.pt")
     print(json.dumps({"load_peak_mib": load_peak / 1024, "loaded_mib": loaded / 1024,
                       "peak_mib": peak / 1024, "extra_mib": (peak - loaded) / 1024,
                       "peak_reset": reset, "out_shape": list(out.shape)}))
@@ -337,17 +425,19 @@ def timing_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     case = args.worker.split(":")[1]
     workdir = Path(args.workdir)
-    order = sides(case)
+    order = sides(case, args.device)
     fns = {side: _call(case, side, _load(case, side, workdir, args), args) for side in order}
     times: dict[str, list[float]] = {side: [] for side in order}
     with torch.no_grad():
         for side in order:
-            fns[side]()  # warm-up
+            fns[side]()  # warm-up (compiled blocks: the compilation)
         for i in range(args.repeats):
             k = i % len(order)
             for side in order[k:] + order[:k]:
+                _sync(args)
                 start = time.perf_counter()
                 fns[side]()
+                _sync(args)
                 times[side].append(time.perf_counter() - start)
     print(json.dumps({side: {"times_s": t, "median_s": statistics.median(t), "min_s": min(t)}
                       for side, t in times.items()} | {"threads": torch.get_num_threads()}))
@@ -361,7 +451,8 @@ def _run_worker(task: str, workdir: Path, args: argparse.Namespace) -> dict:
            "--threads", str(args.threads), "--seed", str(args.seed), "--t5-layers", str(args.t5_layers),
            "--clip-layers", str(args.clip_layers),
            "--latent", "x".join(map(str, args.latent)), "--text-tokens", str(args.text_tokens),
-           "--vae-latent", "x".join(map(str, args.vae_latent))]
+           "--vae-latent", "x".join(map(str, args.vae_latent)), "--device", args.device, "--dtype", args.dtype,
+           "--attention", args.attention] + (["--keep-flash"] if args.keep_flash else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode:
@@ -425,6 +516,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-latent", type=_parse_shape, default=(2, 8, 8), help="VAE latent FxHxW")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (median)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: on a GPU our fp8 (_scaled_mm) and "
+                   "compiled DiT sides run too, times are synchronized and 'peak' is torch.cuda.max_memory_allocated")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="weights / compute dtype (GPU runs: bf16); the official code runs float32 weights under "
+                        "torch.autocast of this dtype, as its pipelines do")
+    p.add_argument("--attention", choices=("sdpa", "auto", "sage", "flash"), default="sdpa",
+                   help="our DiT's attention backend (sage / flash: CUDA with the package installed)")
+    p.add_argument("--keep-flash", action="store_true",
+                   help="the official code keeps its flash-attn call (a GPU with flash-attn) instead of SDPA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=CASES, action="append", help="run these networks only (repeatable)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-side peak-RSS processes")
@@ -436,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     cases = tuple(args.only) if args.only else CASES
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__})")
     if official_src() is None:
         print("official Wan 2.1 peer skipped: set WAN21_SRC to an exported Wan-Video/Wan2.1 tree "
               "(the directory holding wan/modules/model.py)")
@@ -445,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         write_weights(workdir, cases, args)
         for case in cases:
-            order = sides(case)
+            order = sides(case, args.device)
             r: dict = {"sides": list(order), "label": _label(case, args)}
             timing = _run_worker(f"time:{case}", workdir, args)
             for side in order:
@@ -466,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
                           "total_s": total, "load_avg": os.getloadavg()}, indent=1))
         return 0
     print(_table(results))
-    print(f"(median of {args.repeats} calls in rotation after 1 warm-up each, {args.threads} threads, fp32 CPU, "
+    where = f"{args.threads} threads, {args.dtype} CPU" if args.device == "cpu" else f"{args.dtype} {args.device}"
+    print(f"(median of {args.repeats} calls in rotation after 1 warm-up each, {where}, "
           f"load average {os.getloadavg()[0]:.1f}; peak = VmHWM after loading; extra = peak - RSS after loading)")
     summary = "; ".join(f"{c} {results[c]['ratio']:.2f}x (goal <= {GOALS[c]:.2f})" for c in results)
     verdict = all(results[c]["ratio"] <= GOALS[c] for c in results)

@@ -2,12 +2,14 @@
 
 The official code is never part of this repository: ``WAN21_SRC`` names an exported
 Wan-Video/Wan2.1 tree. Its packages are entered without their ``__init__`` (which pulls
-configs and extra packages), and its flash attention is replaced by float32 SDPA in the
-bench process only.
+configs and extra packages), its flash attention is replaced by float32 SDPA in the
+bench process only, and ``ftfy`` / ``torchvision.transforms`` (imported by the tokenizer and
+by ``clip.py`` for preprocessing the benches do not run) are empty modules when missing.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 import types
@@ -46,24 +48,28 @@ def official_src(marker: str = "wan/modules/model.py") -> Path | None:
 
 
 def _flash_as_sdpa(q, k, v, q_lens=None, k_lens=None, *args, **kwargs):
-    """The official ``flash_attention(q, k, v, ...)`` on [B, L, N, D] as float32 SDPA;
-    ``k_lens`` masks padded keys."""
+    """The official ``flash_attention(q, k, v, ...)`` on [B, L, N, D] as SDPA: float32 on the
+    CPU; on a GPU in the half dtype flash-attn computes in (bf16 for float32 inputs, as the
+    official wrapper casts); ``k_lens`` masks padded keys."""
     import torch
     import torch.nn.functional as F
 
     mask = None
     if k_lens is not None:
-        keep = torch.arange(k.shape[1])[None, :] < k_lens.to("cpu")[:, None]
+        keep = torch.arange(k.shape[1], device=q.device)[None, :] < k_lens.to(q.device)[:, None]
         mask = keep[:, None, None, :]
     dtype = q.dtype
-    out = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
-                                         v.transpose(1, 2).float(), attn_mask=mask)
+    work = torch.float32 if q.device.type == "cpu" else (
+        dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2).to(work), k.transpose(1, 2).to(work),
+                                         v.transpose(1, 2).to(work), attn_mask=mask)
     return out.transpose(1, 2).contiguous().to(dtype)
 
 
-def import_official(module: str, src: Path | None = None):
+def import_official(module: str, src: Path | None = None, keep_flash: bool = False):
     """``wan.<module>`` (e.g. ``modules.model``, ``text2video``) of the exported official tree,
-    with flash attention -> float32 SDPA."""
+    with flash attention -> SDPA (``keep_flash``: the official flash-attn call stays, for a GPU
+    with flash-attn installed)."""
     import torch
 
     src = src or official_src()
@@ -76,9 +82,23 @@ def import_official(module: str, src: Path | None = None):
         import ftfy  # noqa: F401  (the official tokenizer's text cleaning)
     except ImportError:
         sys.modules["ftfy"] = types.ModuleType("ftfy")   # only the tokenizer's cleaning would need it
+    stubs = {}
+    if module == "modules.clip" and importlib.util.find_spec("torchvision") is None:
+        import diffusers  # noqa: F401  (both probe for torchvision once, when first imported: before the stubs)
+        import transformers  # noqa: F401
+        # clip.py imports torchvision.transforms for CLIPModel's preprocessing, which the visual tower
+        # never uses: empty modules while it is imported only (transformers probes for the real one)
+        stubs = {"torchvision": types.ModuleType("torchvision"),
+                 "torchvision.transforms": types.ModuleType("torchvision.transforms")}
+        stubs["torchvision"].transforms = stubs["torchvision.transforms"]
     # t5.py evaluates ``torch.cuda.current_device()`` as a default argument at import time
     with mock.patch.object(torch.cuda, "current_device", lambda: 0):
-        mod = importlib.import_module(f"wan.{module}")
-    if hasattr(mod, "flash_attention"):
+        sys.modules.update(stubs)
+        try:
+            mod = importlib.import_module(f"wan.{module}")
+        finally:
+            for name in stubs:
+                sys.modules.pop(name, None)
+    if hasattr(mod, "flash_attention") and not keep_flash:
         mod.flash_attention = _flash_as_sdpa
     return mod

@@ -2,6 +2,7 @@
 
     python bench/multi_gpu.py                 # CPU, gloo: worlds 2 and 4, the CLI under torchrun
     python bench/multi_gpu.py --world 4 --steps 3 --json
+    python bench/multi_gpu.py --vram          # per-rank planned vs simulated VRAM, published models (~5 min)
 
 What runs (CPU, gloo, spawned processes, one thread each): a DiT with 8 heads (dim 512,
 head_dim 64, ffn 1024, 4 blocks, text_len 64, random weights from tests/factory.py) samples
@@ -189,14 +190,69 @@ def run_cli() -> dict:
 
 def expected_14b() -> dict:
     """Formula figures for Wan 2.1 14B, 1280x720, 81 frames (21 x 90 x 160 latent), bf16."""
+    from wan_core.configs import KNOWN_DIT
     from wan_core.distributed import ParallelConfig, comm_bytes_per_step
+    from wan_core.parallel_plan import block_shards_for
 
     tokens, latent = 21 * 45 * 80, 16 * 21 * 90 * 160
+    sharded = block_shards_for(KNOWN_DIT["T2V-14B"], "bf16").total_sharded
     out = {}
-    for name, config in (("ulysses 8", ParallelConfig(8, 1)), ("ulysses 4 x cfg 2", ParallelConfig(4, 1, True)),
-                         ("ulysses 8 x ring 2", ParallelConfig(8, 2))):
-        out[name] = {k: v / 1e9 for k, v in comm_bytes_per_step(config, tokens, 5120, 40, latent).items()}
+    for name, config, shard in (("ulysses 8", ParallelConfig(8, 1), 0),
+                                ("ulysses 8, sharded blocks", ParallelConfig(8, 1), sharded),
+                                ("ulysses 4 x cfg 2", ParallelConfig(4, 1, True), 0),
+                                ("ulysses 8 x ring 2", ParallelConfig(8, 2), 0)):
+        parts = comm_bytes_per_step(config, tokens, 5120, 40, latent, sharded_bytes=shard)
+        out[name] = {k: v / 1e9 for k, v in parts.items()}
     return out
+
+
+# (name, DiT, storage, width, height, frames, (ulysses, ring, cfg parallel, shard_weights), GiB per rank)
+VRAM_CASES = [
+    ("14B bf16 720p, 8 ranks: ulysses 8", "T2V-14B", "bf16", 1280, 720, 81, (8, 1, False, "auto"), 24),
+    ("14B bf16 720p, 8 ranks: ulysses 4 x cfg 2", "T2V-14B", "bf16", 1280, 720, 81, (4, 1, True, "auto"), 24),
+    ("14B bf16 720p, 8 ranks: ulysses 8, no sharding", "T2V-14B", "bf16", 1280, 720, 81, (8, 1, False, "off"), 24),
+    ("14B fp8 720p, 4 ranks: ulysses 4", "T2V-14B", "fp8_e4m3fn", 1280, 720, 81, (4, 1, False, "auto"), 12),
+    ("14B fp8 480p, 2 ranks: ulysses 2", "T2V-14B", "fp8_e4m3fn", 832, 480, 81, (2, 1, False, "auto"), 8),
+    ("1.3B bf16 480p, 4 ranks: ulysses 2 x ring 2", "T2V-1.3B", "bf16", 832, 480, 81, (2, 2, False, "auto"), 6),
+]
+
+
+def vram_rows(cases=VRAM_CASES) -> list[dict]:
+    """Per-rank planned VRAM (wan_core.parallel_plan.plan_rank) vs the real code of rank 0 on the
+    simulated GPU (wan_core.memsim_parallel), every block of the published models, one guided step."""
+    import gc
+
+    from wan_core.configs import KNOWN_DIT
+    from wan_core.distributed import ParallelConfig
+    from wan_core.memsim import FakeGPU, SimJob, fake_dit
+    from wan_core.memsim_parallel import fake_world, shard_for_simulation, simulate_rank_step
+    from wan_core.parallel_plan import block_shards_for, plan_rank
+    from wan_core.planner import GiB, dit_sizes, tokens_for
+
+    rows = []
+    for name, variant, storage, w, h, frames, layout, gib in cases:
+        cfg, config, job = KNOWN_DIT[variant], ParallelConfig(*layout), SimJob(variant, storage, w, h, frames)
+        plan = plan_rank(gib * GiB, dit_sizes(cfg, storage), tokens_for(w, h, frames), config,
+                         block_shards_for(cfg, storage))
+        t0 = time.perf_counter()
+        with fake_world(config, 0) as groups:
+            if plan.weights == "sharded":
+                with FakeGPU(device_type="cpu") as gpu:   # FSDP2 runs on a cpu-counting session (memsim_parallel)
+                    dit = fake_dit(cfg, storage)
+                    shard_for_simulation(dit, groups, gpu)
+                    gc.collect()
+                    stage = simulate_rank_step(gpu, dit, job, groups, sharded=True)
+            else:
+                with FakeGPU() as gpu:
+                    stage = simulate_rank_step(gpu, fake_dit(cfg, storage), job, groups,
+                                               resident_blocks=plan.resident_blocks)
+        planned = plan.peak_bytes - plan.reserve_bytes
+        rows.append({"case": name, "budget_gib": gib, "placement": plan.weights, "resident": plan.resident_blocks,
+                     "chunk": plan.chunk, "tokens": plan.tokens, "planned_gib": planned / GiB,
+                     "simulated_gib": stage.peak / GiB, "ratio": planned / stage.peak,
+                     "left_gib": (gib * GiB - plan.reserve_bytes - stage.peak) / GiB, "sim_s": time.perf_counter() - t0,
+                     "line": plan.describe()})
+    return rows
 
 
 def main() -> None:
@@ -204,8 +260,25 @@ def main() -> None:
     ap.add_argument("--world", type=int, nargs="+", default=[2, 4], choices=[2, 4])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--no-cli", action="store_true")
+    ap.add_argument("--vram", action="store_true", help="only the per-rank planned vs simulated VRAM rows")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.vram:
+        rows = vram_rows()
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return
+        print(f"{'case':48} {'GiB':>4} {'placement':>16} {'tokens/rank':>11} {'planned':>8} {'simulated':>9} "
+              f"{'ratio':>6} {'left':>6}")
+        for r in rows:
+            where = r["placement"] if r["placement"] != "swap" else f"swap {r['resident']} resident"
+            print(f"{r['case']:48} {r['budget_gib']:>4} {where:>16} {r['chunk']:>11} {r['planned_gib']:>7.2f}G "
+                  f"{r['simulated_gib']:>8.2f}G {r['ratio']:>6.3f} {r['left_gib']:>5.2f}G")
+        print("(planned = the rank's DiT step without the 0.5 GiB reserve; left = budget - reserve - simulated; "
+              "not modelled: NCCL buffers, CUDA context, FSDP2 stream hold-back)")
+        for r in rows:
+            print(f"  {r['case']}: {r['line']}")
+        return
     report = {"worlds": {w: run_world(w, args.steps) for w in args.world}, "expected_14b_720p81_GB": expected_14b()}
     if not args.no_cli:
         report["cli"] = run_cli()

@@ -155,6 +155,14 @@ class WanCoreDiTToModel:
     def convert(self, model, shift: float):
         from ..wan_core import weight_storage
 
+        cfg = model.model.cfg
+        if cfg.model_type in ("ti2v", "i2v_noclip"):   # core WAN21 would read their inputs as Wan 2.1's
+            raise ValueError(f"WanCore DiT To Model bridges Wan 2.1 models; {cfg.variant} is a Wan 2.2 model "
+                             "(TI2V-5B / I2V-A14B): sample it with WanCore Sampler.")
+        if cfg.fun == "control":   # core WAN21 has no Fun control latents nor V1.1 reference tokens
+            raise ValueError(f"WanCore DiT To Model bridges the official Wan 2.1 models; {cfg.variant} is a "
+                             "Wan2.1-Fun Control model: sample it with WanCore Fun Control Encode and WanCore "
+                             "Sampler.")
         storage = weight_storage(model.model)
         if storage != "float":
             # core LoRA / model patches rewrite weights in place as plain floats: on fp8 (with its

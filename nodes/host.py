@@ -20,18 +20,27 @@ What the host gets from us:
   pending ``/interrupt``, and the sampler checks it before every model evaluation;
 - our DiT as a core ``MODEL`` (:func:`core_model`, WanCore DiT To Model): a ModelPatcher
   the host loads, patches (core LoRA) and unloads like its own; before our own sampling
-  stage :func:`release_from_core` gives the DiT back unpatched.
+  stage :func:`release_from_core` gives the DiT back unpatched;
+- our nodes as V3 nodes (``comfy_api.latest``) where the host has that schema
+  (:func:`v3_available`: ComfyUI >= 0.3.64): :func:`v3_extension` renders every class of
+  ``NODE_CLASS_MAPPINGS`` (:mod:`.v3`, from the one V1 declaration read by :mod:`.schema`);
+  the root ``__init__.py`` hands it to ComfyUI through ``comfy_entrypoint``.
 """
 from __future__ import annotations
 
 import importlib
+import os
+import re
 import weakref
 
 import torch
 
+from .v3 import render_nodes
+
 __all__ = ["filename_list", "gguf_filename_list", "model_folder_list", "full_path", "torch_device", "offload_device", "vram_mode",
            "make_room", "make_room_to_load", "soft_empty_cache", "free_vram_bytes", "check_interrupt", "Progress",
-           "core_model", "release_from_core"]
+           "core_model", "release_from_core", "progress_text",
+           "V3_MIN_COMFYUI", "v3_available", "v3_extension"]
 
 
 def _optional(name: str):
@@ -60,7 +69,6 @@ def gguf_filename_list(key: str, gguf_key: str) -> list[str]:
     """The ``.gguf`` files of model folder ``key``, which ComfyUI's own list for it leaves out
     (it lists .safetensors/.pth/...): ComfyUI-GGUF's ``gguf_key`` list ("unet_gguf" /
     "clip_gguf") when that pack is installed, plus a walk of ``key``'s folders."""
-    import os
 
     import folder_paths
 
@@ -82,7 +90,6 @@ def model_folder_list(key: str) -> list[str]:
     (:func:`wan_core.files.weights_in_folder`). A folder holding just a loose weights file is
     not: that file is listed already. :func:`full_path` resolves these names.
     """
-    import os
     from pathlib import Path
 
     from ..wan_core import INDEX_SUFFIX, CheckpointError, weights_in_folder
@@ -111,7 +118,6 @@ def _folder_paths(key: str) -> list[str]:
 def _model_folder(key: str, name: str) -> str | None:
     """The folder a :func:`model_folder_list` name stands for, or None. Only names inside one of
     ``key``'s folders resolve (no absolute paths, no ``..``)."""
-    import os
     from pathlib import PurePosixPath
 
     rel = PurePosixPath(name.replace("\\", "/"))
@@ -174,7 +180,6 @@ def make_room(nbytes: int, device: torch.device) -> None:
 def make_room_to_load(path: str) -> None:
     """Before a model file is loaded onto the offload device: room for its bytes when that
     device is a GPU (``--highvram`` / ``--gpu-only``); nothing when models rest on the CPU."""
-    import os
 
     device = offload_device()
     if device.type != "cpu":
@@ -183,7 +188,6 @@ def make_room_to_load(path: str) -> None:
 
 def _weights_bytes(path: str) -> int:
     """Bytes of a weights file, or of the weights files of a model folder (all its shards)."""
-    import os
 
     if not os.path.isdir(path):
         return os.path.getsize(path)
@@ -232,10 +236,11 @@ class Progress:
     server runs with a preview method). A no-op outside ComfyUI.
     """
 
-    def __init__(self, total: int, node_id: str | None = None, preview: bool = False) -> None:
+    def __init__(self, total: int, node_id: str | None = None, preview: bool = False,
+                 latent_channels: int = 16) -> None:
         utils = _optional("comfy.utils")
         self._bar = utils.ProgressBar(total, node_id=node_id) if utils is not None else None
-        self._previewer = _previewer() if preview and self._bar is not None else None
+        self._previewer = _previewer(latent_channels) if preview and self._bar is not None else None
         self.total = total
 
     def update(self, done: int, total: int | None = None, x0: torch.Tensor | None = None) -> None:
@@ -250,12 +255,22 @@ class Progress:
         self._bar.update_absolute(done, self.total, image)
 
 
-def _previewer():
+def _previewer(latent_channels: int = 16):
     latent_preview = _optional("latent_preview")
     formats = _optional("comfy.latent_formats")
-    if latent_preview is None or formats is None or not hasattr(formats, "Wan21"):
+    name = "Wan22" if latent_channels == 48 else "Wan21"   # Wan 2.2 TI2V-5B: 48 channels
+    if latent_preview is None or formats is None or not hasattr(formats, name):
         return None
-    return latent_preview.get_previewer(torch.device("cpu"), formats.Wan21())
+    return latent_preview.get_previewer(torch.device("cpu"), getattr(formats, name)())
+
+
+def progress_text(text: str, node_id: str | None) -> None:
+    """Show ``text`` under node ``node_id`` in the graph editor (ComfyUI's progress text);
+    a no-op outside ComfyUI."""
+    server = _optional("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is not None and node_id is not None and hasattr(instance, "send_progress_text"):
+        instance.send_progress_text(text, node_id)
 
 
 # ----------------------------------------------------------------------------- core MODEL bridge
@@ -347,3 +362,41 @@ def _bridged_wan_class(model_base):
             return self.model_sampling.calculate_denoised(sigma, velocity.to(x.device).float(), x)
 
     return WanCoreBridgedWAN21
+
+
+# ----------------------------------------------------------------------------- V3 schema
+
+# The ComfyUI whose V3 schema (comfy_api.latest, marked unstable upstream) the rendering was
+# checked against; older hosts load the V1 classes, which are the same declarations.
+V3_MIN_COMFYUI = (0, 3, 64)
+_V3_NAMES = ("ComfyNode", "Schema", "NodeOutput", "Hidden", "Custom", "NumberDisplay", "Combo")
+
+
+def v3_available() -> bool:
+    """True inside a ComfyUI that loads V3 nodes as :mod:`.v3` renders them: ``comfy_api.latest``
+    with the names used there and a version of at least :data:`V3_MIN_COMFYUI`. False outside
+    ComfyUI, on older hosts (they get the V1 classes), and when the environment variable
+    ``WANCORE_V1_NODES=1`` asks for the V1 classes (a way out should a later host's V3 differ)."""
+    if os.environ.get("WANCORE_V1_NODES") == "1":
+        return False
+    version, latest = _optional("comfyui_version"), _optional("comfy_api.latest")
+    if version is None or latest is None:
+        return False
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", str(getattr(version, "__version__", "")))
+    io = getattr(latest, "io", None)
+    return (found is not None and tuple(int(p) for p in found.groups()) >= V3_MIN_COMFYUI
+            and hasattr(latest, "ComfyExtension") and all(hasattr(io, name) for name in _V3_NAMES))
+
+
+def v3_extension(classes: dict[str, type], display_names: dict[str, str]):
+    """The ``ComfyExtension`` that ``comfy_entrypoint`` returns: every class of ``classes``
+    (``NODE_CLASS_MAPPINGS``) rendered as an ``io.ComfyNode`` by :func:`.v3.render_nodes`."""
+    from comfy_api.latest import ComfyExtension, io
+
+    nodes = render_nodes(io, classes, display_names)
+
+    class WanCoreExtension(ComfyExtension):
+        async def get_node_list(self) -> list[type]:
+            return list(nodes)
+
+    return WanCoreExtension()

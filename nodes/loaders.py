@@ -36,15 +36,19 @@ def _files(key: str, gguf_key: str | None = None) -> tuple[list[str], dict]:
 
 
 class WanCoreLoadDiT:
-    """Wan 2.1 diffusion transformer (T2V 1.3B/14B, I2V 480p/720p, FLF2V)."""
+    """Wan diffusion transformer: Wan 2.1 (T2V 1.3B/14B, I2V 480p/720p, FLF2V) and Wan 2.2 (A14B experts,
+    TI2V-5B)."""
 
     CATEGORY = "WanCore/loaders"
-    DESCRIPTION = ("Load a Wan 2.1 diffusion model (T2V, I2V or FLF2V; the type is read from the weights) "
-                   "from models/diffusion_models, in any published format.")
+    DESCRIPTION = ("Load a Wan diffusion model from models/diffusion_models, in any published format; the type "
+                   "is read from the weights: Wan 2.1 T2V, I2V, FLF2V, VACE; Wan 2.2 TI2V-5B, or one expert of a "
+                   "Wan 2.2 A14B model (load the high-noise and the low-noise file with two of these nodes and "
+                   "connect them to WanCore Sampler's model and low_noise_model).")
     FUNCTION = "load"
     RETURN_TYPES = (DIT,)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The diffusion model, for WanCore Sampler.",)
+    OUTPUT_TOOLTIPS = ("The diffusion model, for WanCore Sampler (an A14B low-noise expert: its "
+                       "low_noise_model input).",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -64,26 +68,24 @@ class WanCoreLoadDiT:
         }}
 
     def load(self, model_name: str, weight_dtype: str, attention: str, memory=None, loras=None):
-        from ..wan_core import apply_loras, is_quantized, load_dit
+        from ..wan_core import DiTSource
 
         path = host.full_path("diffusion_models", model_name)
         host.make_room_to_load(path)
-        if weight_dtype in _FP8:
-            dit = load_dit(path, device=host.offload_device(), weight_dtype=_FP8[weight_dtype], attention=attention)
-        else:
-            dit = load_dit(path, dtype=_DTYPES[weight_dtype], device=host.offload_device(), attention=attention)
-        if loras:
-            # GGUF weights cannot take a merge (it would re-quantize them): unmerged, which is exact.
-            # rollback=False: this model is dropped if the merge fails, so no originals are kept (14 GB for 14B fp8)
-            apply_loras(dit, list(loras), mode="unmerged" if is_quantized(dit) else "merge", rollback=False)
-        return (LoadedDiT(dit, memory),)
+        # the file and load options travel with the model: multi-GPU workers load their own copy from them
+        fp8 = _FP8.get(weight_dtype)
+        source = DiTSource(path, dtype=None if fp8 else _DTYPES[weight_dtype], weight_dtype=fp8, attention=attention,
+                           loras=tuple(loras or ()))
+        return (LoadedDiT(source.load(host.offload_device()), memory, source),)
 
 
 class WanCoreLoadVAE:
-    """Wan 2.1 VAE (wan_2.1_vae.safetensors or the official Wan2.1_VAE.pth)."""
+    """Wan VAE: Wan 2.1 (wan_2.1_vae.safetensors, Wan2.1_VAE.pth) or Wan 2.2 (wan2.2_vae.safetensors)."""
 
     CATEGORY = "WanCore/loaders"
-    DESCRIPTION = "Load the Wan 2.1 VAE from models/vae (official .pth, ComfyUI or diffusers format)."
+    DESCRIPTION = ("Load a Wan VAE from models/vae (official .pth, ComfyUI or diffusers format): the Wan 2.1 VAE "
+                   "(Wan 2.1 models and Wan 2.2 A14B) or the Wan 2.2 VAE (48 channels, for TI2V-5B only); which "
+                   "one is read from the weights.")
     FUNCTION = "load"
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)

@@ -14,20 +14,24 @@ __all__ = ["CLIP_VISION", "COMPILE", "CONTEXT_OPTIONS", "DIT", "GUIDANCE_OPTIONS
            "MAX_STEPS", "MEMORY_OPTIONS", "MIN_CFG",
            "LATENT_CHANNELS", "SAMPLERS", "VAE_SPACE_STRIDE",
            "STEP_CACHE", "TEXT_EMBEDS", "TEXT_ENCODER", "VAE", "VIDEO_EMBEDS", "LoadedDiT", "MemoryOptions",
-           "VideoSize", "check_size"]
+           "VideoSize", "check_size", "MULTI_GPU", "MOE_OPTIONS", "MoESettings", "FirstFrameEmbeds"]
 
 DIT = "WANCORE_DIT"                    # LoadedDiT (a wan_core.dit.WanDiT + the loader's memory options)
 VAE = "WANCORE_VAE"                    # wan_core.vae.WanVAE
 TEXT_ENCODER = "WANCORE_TEXT_ENCODER"  # wan_core.TextEncoder
 CLIP_VISION = "WANCORE_CLIP_VISION"    # wan_core.clip_vision.CLIPVisionTower
 TEXT_EMBEDS = "WANCORE_TEXT_EMBEDS"    # wan_core.TextEmbeds
-VIDEO_EMBEDS = "WANCORE_VIDEO_EMBEDS"  # VideoSize (T2V), wan_core.ImageEmbeds (I2V / FLF2V) or wan_core.VaceEmbeds
+VIDEO_EMBEDS = "WANCORE_VIDEO_EMBEDS"  # VideoSize (T2V), wan_core.ImageEmbeds (I2V / FLF2V / I2V-A14B),
+                                       # wan_core.VaceEmbeds, FunControlEmbeds (Wan2.1-Fun Control) or
+                                       # FirstFrameEmbeds (TI2V-5B image to video); Fun InP takes ImageEmbeds
 MEMORY_OPTIONS = "WANCORE_MEMORY_OPTIONS"  # MemoryOptions
 LORAS = "WANCORE_LORAS"                # tuple of wan_core.LoraSpec, applied in order
 STEP_CACHE = "WANCORE_STEP_CACHE"      # wan_core.StepCacheSpec
 COMPILE = "WANCORE_COMPILE"            # wan_core.CompileSpec
 CONTEXT_OPTIONS = "WANCORE_CONTEXT_OPTIONS"    # wan_core.context_windows.ContextOptions
 GUIDANCE_OPTIONS = "WANCORE_GUIDANCE_OPTIONS"  # wan_core.guidance.GuidanceOptions
+MULTI_GPU = "WANCORE_MULTI_GPU"        # wan_core.PoolConfig (WanCore Multi-GPU Options)
+MOE_OPTIONS = "WANCORE_MOE_OPTIONS"    # MoESettings (Wan 2.2 A14B expert switch and per-expert guidance)
 
 # Widget limits: the values of wan_core.limits (repeated so that importing the pack imports no
 # engine; tests/unit/test_limits.py checks that they agree).
@@ -52,6 +56,27 @@ class VideoSize:
     frames: int
 
 
+@dataclass(frozen=True)
+class MoESettings:
+    """The widgets of WanCore MoE Options: None = the published value for the model
+    (``wan_core.moe_for`` resolves them once the experts are known)."""
+
+    boundary: float | None = None
+    cfg_high_noise: float | None = None
+    cfg_low_noise: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class FirstFrameEmbeds:
+    """Wan 2.2 TI2V-5B image to video: the first frame's normalised latents
+    ``[48, 1, height/16, width/16]`` (Wan 2.2 VAE) and the size of the video."""
+
+    latents: object                    # torch.Tensor, float32 on the CPU
+    width: int
+    height: int
+    frames: int
+
+
 @dataclass(frozen=True, eq=False)
 class LoadedDiT:
     """What WanCore Load Diffusion Model outputs: the model and the loader's memory options,
@@ -59,6 +84,7 @@ class LoadedDiT:
 
     model: object                      # wan_core.dit.WanDiT, resting on the offload device
     memory: MemoryOptions | None = None
+    source: object | None = None       # wan_core.DiTSource: how to load it again (multi-GPU workers)
 
 
 @dataclass(frozen=True)

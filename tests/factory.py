@@ -129,6 +129,8 @@ def _dit_spec(cfg: DiTConfig) -> Spec:
             s.append(("img_emb.emb_pos", (1, cfg.image_pos_len, c), (0.0, 0.1)))
         s += _layernorm("img_emb.proj.0", c) + _linear("img_emb.proj.1", c, c)
         s += _linear("img_emb.proj.3", c, d) + _layernorm("img_emb.proj.4", d)
+    if getattr(cfg, "ref_in_dim", 0):   # Fun V1.1 Control (VideoX-Fun wan_transformer3d.py: Conv2d, 2x2 patch)
+        s += _conv("ref_conv", cfg.ref_in_dim, d, tuple(cfg.patch_size[1:]))
     return s
 
 

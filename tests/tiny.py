@@ -21,6 +21,13 @@ TINY_DIT_FLF2V = DiTConfig(dim=256, ffn_dim=384, num_layers=2, in_dim=36, text_d
                            freq_dim=64, model_type="flf2v", clip_dim=TINY_CLIP.width,
                            image_pos_len=2 * TINY_CLIP.num_tokens)
 TINY_VAE = VAEConfig(dim=8, z_dim=16)
+# Wan2.1-Fun (VideoX-Fun): Control (in 48 = noise + control + start latents; V1.1 adds ref_conv),
+# InP (the I2V shapes)
+TINY_DIT_FUN_CONTROL = DiTConfig(dim=256, ffn_dim=384, num_layers=2, in_dim=48, text_dim=TINY_T5.dim,
+                                 freq_dim=64, model_type="i2v", clip_dim=TINY_CLIP.width, fun="control")
+TINY_DIT_FUN_CONTROL_REF = DiTConfig(dim=256, ffn_dim=384, num_layers=2, in_dim=48, text_dim=TINY_T5.dim,
+                                     freq_dim=64, model_type="i2v", clip_dim=TINY_CLIP.width, fun="control",
+                                     ref_in_dim=16)
 
 
 def dit_inputs(cfg: DiTConfig, seed: int = 0) -> tuple:

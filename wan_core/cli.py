@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 
 from .attention import BACKENDS
+from .distributed import SHARD_WEIGHTS
+from .cli22 import WAN21_FPS, WAN21_MAX_AREA, add_arguments as add_wan22_arguments, generate22, wan22_kind
 from .cli_checks import DEFAULT_FRAMES, T2V_SIZE, split_lora
+from .control_preprocess import CONTROL_MODES, ControlOptions, preprocess_control
 from .limits import SAMPLER_NAMES
 from .lora import LoraSpec
 from .context_windows import FUSE_METHODS, SCHEDULES, ContextOptions
@@ -28,6 +31,7 @@ __all__ = ["main", "build_parser", "options_from_args", "guidance_from_args", "c
 
 GiB = 1 << 30
 STEP_CACHES = ("teacache", "magcache")
+CONTROL_PREPROCESS = tuple(m for m in CONTROL_MODES if m != "none")   # canny, scribble, grayscale, blur
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
@@ -140,16 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input video for video to video (with --denoise < 1; sets size and frames)")
     j.add_argument("--size", type=_size, metavar="WxH", help=f"multiples of 16 (T2V default "
                    f"{T2V_SIZE[0]}x{T2V_SIZE[1]}; I2V default: from --max-area and the image aspect)")
-    j.add_argument("--max-area", type=int, default=832 * 480, metavar="PIXELS",
-                   help="I2V pixel budget (official: 832*480 or 1280*720)")
+    j.add_argument("--max-area", type=int, metavar="PIXELS",
+                   help="I2V pixel budget (default 832*480; official: 832*480 or 1280*720; Wan 2.2: 1280*720 for "
+                        "I2V-A14B, 704*1280 for TI2V-5B)")
     j.add_argument("--frames", type=int, metavar="N",
                    help=f"4n+1, default {DEFAULT_FRAMES}; 1 gives an image (see --out)")
-    # VACE (a Wan2.1-VACE model, wan_core.vace_conditioning)
-    j.add_argument("--control-video", metavar="PATH", help="VACE: control frames (depth, pose, edges, or frames "
-                   "to keep); sets size and frames unless given")
+    # VACE (a Wan2.1-VACE model, wan_core.vace_conditioning) and Fun Control (wan_core.fun): the model decides
+    j.add_argument("--control-video", metavar="PATH", help="VACE / Fun Control: control frames (depth, pose, edges, "
+                   "or frames to keep); sets size and frames unless given. Fun Control: --image is the optional "
+                   "start frame")
     j.add_argument("--control-mask", metavar="PATH", help="VACE: mask video, white = generate, black = keep")
+    j.add_argument("--control-preprocess", choices=CONTROL_PREPROCESS, metavar="MODE",
+                   help="VACE: make the control video from --control-video's frames first (wan_core."
+                        "preprocess_control, default settings): canny edges, grayscale, scribble (soft edges) or blur")
     j.add_argument("--reference-image", action="append", default=[], metavar="PATH",
-                   help="VACE: a subject / style reference image (repeatable)")
+                   help="VACE: a subject / style reference image (repeatable); Fun V1.1 Control: one")
     j.add_argument("--vace-strength", type=float, default=1.0, metavar="S", help="VACE context scale, official 1.0")
 
     s = g.add_argument_group("sampling")
@@ -159,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="unipc", choices=SAMPLER_NAMES)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--denoise", type=float, default=1.0, help="below 1: video to video strength (needs --video)")
+    add_wan22_arguments(m, s)   # --dit-low-noise, --boundary, --cfg-high-noise, --cfg-low-noise
 
     mem = g.add_argument_group("memory")
     mem.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
@@ -194,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "--cfg-parallel)")
     sp.add_argument("--cfg-parallel", action="store_true",
                     help="under torchrun: conditional and unconditional passes on two halves of the processes")
+    sp.add_argument("--shard-weights", default="auto", choices=SHARD_WEIGHTS,
+                    help="under torchrun with --ulysses/--ring: FSDP2-shard the DiT blocks over the processes "
+                         "(auto: when the whole DiT does not fit a GPU's budget, before block swap)")
 
     lv = g.add_argument_group("long video and guidance", "off by default; the defaults change no number")
     lv.add_argument("--context-frames", type=int, metavar="N",
@@ -225,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", metavar="PATH",
                    help="video.mp4 (H.264); with --frames 1 a .png/.jpg/.webp writes an image, .mp4 a one-frame "
                         "video (default: video.mp4, or image.png for --frames 1)")
-    o.add_argument("--fps", type=int, default=16, help="frames per second of the mp4 (Wan: 16)")
+    o.add_argument("--fps", type=int, help="frames per second of the mp4 (default: Wan 16; Wan 2.2 TI2V-5B 24)")
 
     t = sub.add_parser("selftest", help="tiny random-weight T2V + I2V run, no downloads")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -304,6 +317,14 @@ def _generate(args: argparse.Namespace, progress: _Progress) -> int:
     from .pipeline import generate
     from .video import write_image, write_mp4
 
+    kind = wan22_kind(args)   # header of --dit only
+    if kind is not None:      # Wan 2.2 A14B pair / TI2V-5B: wan_core.cli22
+        return generate22(args, kind, options_from_args(args), progress)
+    if (args.boundary, args.cfg_high_noise, args.cfg_low_noise) != (None, None, None):
+        raise ValueError("--boundary / --cfg-high-noise / --cfg-low-noise are for a Wan 2.2 A14B pair (give both "
+                         "experts: --dit and --dit-low-noise, or the A14B model folder); this model uses --cfg.")
+    args.fps = WAN21_FPS if args.fps is None else args.fps
+    args.max_area = WAN21_MAX_AREA if args.max_area is None else args.max_area
     if args.out is None:
         args.out = "image.png" if args.frames == 1 else "video.mp4"
     from .distributed import cli_parallel
@@ -320,7 +341,7 @@ def _generate(args: argparse.Namespace, progress: _Progress) -> int:
 
         extend = read_video(args.extend)
         check_overlap(args.extend_overlap, extend.shape[0], job.frames)
-    vace = _vace_inputs(args)
+    vace = _vace_inputs(args, job.device)
     own_size = job.video is not None or extend is not None or (vace.get("control_video") is not None
                                                                 and args.size is None)
     # Paths, not modules: generate() loads each model resting on the CPU when its stage comes
@@ -344,14 +365,22 @@ def _generate(args: argparse.Namespace, progress: _Progress) -> int:
     return 0
 
 
-def _vace_inputs(args: argparse.Namespace) -> dict:
-    """generate()'s VACE keywords from --control-video / --control-mask / --reference-image."""
+def _vace_inputs(args: argparse.Namespace, device) -> dict:
+    """generate()'s VACE keywords from --control-video (made a control video on ``device`` by
+    --control-preprocess) / --control-mask / --reference-image."""
     from .cli_checks import _decode_image
     from .video import read_video
 
     out: dict = {}
+    if args.control_preprocess is not None and args.control_video is None:
+        raise ValueError(f"--control-preprocess {args.control_preprocess} needs --control-video (the frames to "
+                         "turn into edges / grey-scale / ...).")
     if args.control_video is not None:
         out["control_video"] = read_video(args.control_video)
+        if args.control_preprocess is not None:
+            control = preprocess_control(out["control_video"], ControlOptions(mode=args.control_preprocess),
+                                         device=device)
+            out["control_video"] = control.frames
     if args.control_mask is not None:
         out["control_mask"] = read_video(args.control_mask).mean(dim=-1)   # grey levels, 0..1
     if args.reference_image:

@@ -16,9 +16,11 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from .distributed import ParallelConfig
 from .files import CheckpointError
 from .layouts import KIND_NAMES, Detected, detect
 from .limits import MAX_FRAMES, check_run_arguments
+from .parallel_plan import block_shards_for, plan_rank
 from .run_plan import RunOptions
 from .video import IMAGE_FORMATS
 
@@ -254,11 +256,14 @@ def _decode_video(path: str):
 
 
 def check_plan(det: Detected, options: RunOptions, width: int, height: int, frames: int, attention: str,
-               device: str) -> None:
+               device: str, parallel: ParallelConfig | None = None) -> None:
     """With an explicit ``--vram-budget`` on a GPU, refuse (:class:`wan_core.PlanError`, naming
-    the minimum budget) a job whose DiT stage cannot fit, from the header's config alone."""
+    the minimum budget) a job whose DiT stage cannot fit, from the header's config alone;
+    with ``parallel`` (sequence parallelism) the budget is a rank's and the plan the rank's
+    (:func:`wan_core.parallel_plan.plan_rank`: token chunk, sharded weights or block swap)."""
     if options.vram_budget is None or options.resident_blocks is not None or not device.startswith("cuda"):
         return
+    from .fun import reference_tokens
     from .planner import dit_sizes, plan_memory, tokens_for
 
     storage = options.weight_dtype
@@ -268,6 +273,11 @@ def check_plan(det: Detected, options: RunOptions, width: int, height: int, fram
         if storage is None:
             return   # other quantisations (GGUF): the run plan judges the loaded model's real size
     tokens = tokens_for(width, height, frames, tuple(det.config.patch_size))
+    tokens += reference_tokens(det.config, (height // 8, width // 8))   # a Fun V1.1 reference frame
+    if parallel is not None and parallel.sequence_degree > 1:
+        plan_rank(options.vram_budget, dit_sizes(det.config, storage), tokens, parallel,
+                  block_shards_for(det.config, storage), attention=attention)
+        return
     plan_memory(options.vram_budget, dit_sizes(det.config, storage), tokens, attention=attention)
 
 
@@ -301,18 +311,20 @@ def check_generate(args: argparse.Namespace, options: RunOptions) -> GenerateJob
     for spec in options.loras:
         _check_lora(str(spec.path))
     cfg, name = det.config, Path(args.dit).name
-    if cfg.has_image_input and args.image is None:
+    if cfg.needs_image and args.image is None:
         raise ValueError(f"--dit {name} is an image-to-video model ({cfg.variant}); give the start image "
                          "with --image (and --clip-vision), or use a text-to-video model.")
     if not cfg.has_image_input and args.image is not None:
         raise ValueError(f"--dit {name} is a text-to-video model ({cfg.variant}); it takes no --image. "
                          "Use an I2V model for image to video.")
-    if args.end_image is not None and cfg.model_type != "flf2v":
+    if args.end_image is not None and (cfg.model_type not in ("flf2v", "i2v") or cfg.fun):
         raise ValueError(f"--dit {name} is not a first-last-frame model ({cfg.variant}); --end-image needs "
-                         "an FLF2V model.")
-    if args.image is not None and args.clip_vision is None:
-        raise ValueError("image to video needs --clip-vision (CLIP ViT-H/14, e.g. clip_vision_h.safetensors).")
-    if args.clip_vision is not None and args.image is None:
+                         "an FLF2V or Fun InP (I2V) model.")
+    fun_reference = bool(cfg.fun and getattr(args, "reference_image", None))   # Fun V1.1: CLIP of the reference
+    if (args.image is not None or fun_reference) and args.clip_vision is None:
+        raise ValueError("image to video (and Fun Control with --image or --reference-image) needs --clip-vision "
+                         "(CLIP ViT-H/14, e.g. clip_vision_h.safetensors).")
+    if args.clip_vision is not None and args.image is None and not fun_reference:
         log.warning("wan_core: --clip-vision is not used by a text-to-video model; ignoring it.")
 
     image = _decode_image(args.image, "--image") if args.image is not None else None

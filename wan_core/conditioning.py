@@ -279,14 +279,19 @@ def check_conditioning(cfg, image: ImageEmbeds | bool | None = None, *, end_imag
         isinstance(image, ImageEmbeds) and _has_end_image(image))
     if has_end and not has_image:
         raise ConditioningError("end_image needs a start image too (first-last-frame to video).")
+    if getattr(cfg, "fun", ""):   # Fun Control: an optional start image, encoded with the control (wan_core.fun)
+        if isinstance(image, ImageEmbeds) or has_end:
+            raise ConditioningError(f"{v} is a Fun Control model: it takes no end image, and its start image goes "
+                                    "in with encode_fun_control (WanCore Fun Control Encode), not as I2V embeds.")
+        has_image = False
     needs_image = getattr(cfg, "needs_image", cfg.has_image_input)   # + Wan 2.2 I2V-A14B (no CLIP)
     if needs_image and not has_image:
         raise ConditioningError(f"{v} is an image-to-video model: pass image=... to give it a start image.")
     if not needs_image and has_image:
         raise ConditioningError(f"{v} is a text-to-video model; it takes no image. Use an I2V model, or run "
                                 "without a start image.")
-    if has_end and cfg.model_type != "flf2v":
-        raise ConditioningError(f"{v} is not a first-last-frame model: end_image needs an FLF2V model.")
+    if has_end and cfg.model_type not in ("flf2v", "i2v"):   # i2v: Fun InP (wan_core.fun) takes an end frame
+        raise ConditioningError(f"{v} is not a first-last-frame model: end_image needs an FLF2V or Fun InP model.")
     if not has_end and cfg.model_type == "flf2v" and has_image:
         raise ConditioningError(f"{v} is a first-last-frame (FLF2V) model: give it an end image too (end_image).")
     if isinstance(image, ImageEmbeds):

@@ -40,6 +40,12 @@ class DiTConfig:
     # VACE branch), and the input width of vace_patch_embedding (16 + 16 latents + 64 mask)
     vace_layers: tuple[int, ...] = ()
     vace_in_dim: int = 96
+    # VideoX-Fun (wan_core.fun): "control" = Wan2.1-Fun Control (i2v-shaped, in_dim 48 = noise 16 +
+    # control latents 16 + start-image latents 16); "" for every other model (Fun InP has exactly
+    # the official I2V tensors and conditioning). ref_in_dim: input width of ``ref_conv`` (Fun
+    # V1.1 Control: 16, the reference image's latent prepended as one frame of tokens); 0 = none.
+    fun: str = ""
+    ref_in_dim: int = 0
 
     @property
     def num_heads(self) -> int:
@@ -53,17 +59,21 @@ class DiTConfig:
     @property
     def needs_image(self) -> bool:
         """Takes a start image: the CLIP models and Wan 2.2 I2V-A14B ("i2v_noclip": mask + image
-        latents only, no CLIP tokens)."""
-        return self.has_image_input or self.model_type == "i2v_noclip"
+        latents only, no CLIP tokens). Fun Control has the CLIP branch but its start image is
+        optional (zero latents and zero CLIP features without one)."""
+        return (self.has_image_input or self.model_type == "i2v_noclip") and not self.fun
 
     @property
     def variant(self) -> str:
         """Published name when the shapes match one, else a descriptive string."""
         for name, known in KNOWN_DIT.items():
             if _same_arch(known, self):
+                if self.ref_in_dim:    # the V1.1 Control release added ref_conv
+                    return name.replace("Fun-", "Fun-V1.1-", 1)
                 return name if not self.vace_layers else "VACE-" + name.split("-", 1)[1]
         vace = f", vace={len(self.vace_layers)}" if self.vace_layers else ""
-        return f"custom-{self.model_type}(dim={self.dim}, layers={self.num_layers}, in={self.in_dim}{vace})"
+        kind = f"fun-{self.fun}{'-ref' if self.ref_in_dim else ''}" if self.fun else self.model_type
+        return f"custom-{kind}(dim={self.dim}, layers={self.num_layers}, in={self.in_dim}{vace})"
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,7 @@ class CLIPVisionConfig:
 
 
 def _same_arch(a: DiTConfig, b: DiTConfig) -> bool:
-    keys = ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "text_dim", "model_type")
+    keys = ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "text_dim", "model_type", "fun")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
@@ -141,6 +151,10 @@ KNOWN_DIT: dict[str, DiTConfig] = {
     "I2V-14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, model_type="i2v"),
     "FLF2V-14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, model_type="flf2v",
                            image_pos_len=514),
+    # VideoX-Fun (alibaba-pai Wan2.1-Fun[-V1.1]-*): InP 14B has exactly the I2V-14B tensors (named so)
+    "Fun-InP-1.3B": DiTConfig(dim=1536, ffn_dim=8960, num_layers=30, in_dim=36, model_type="i2v"),
+    "Fun-Control-1.3B": DiTConfig(dim=1536, ffn_dim=8960, num_layers=30, in_dim=48, model_type="i2v", fun="control"),
+    "Fun-Control-14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, in_dim=48, model_type="i2v", fun="control"),
     # Wan 2.2 A14B experts (each of the two has this shape); T2V-A14B experts are T2V-14B-shaped
     "I2V-A14B": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, model_type="i2v_noclip"),
     # Wan 2.2 TI2V-5B: the 48-channel latents of the Wan 2.2 VAE, per-token timesteps

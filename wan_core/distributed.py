@@ -14,7 +14,9 @@ Sequence-parallel DiT call (:class:`SequenceParallelRunner`), for ``L`` tokens:
 1. every rank runs ``dit.prepare`` (patch embedding, time, text, image; cheap next to the
    blocks), pads the tokens with zeros to ``L_pad = ceil(L / P) * P`` and keeps chunk ``s``
    of ``c = L_pad / P`` tokens; the RoPE tables are sliced the same way, so each rank rotates
-   its tokens by their *global* positions (padding rows: cos 1, sin 0);
+   its tokens by their *global* positions (padding rows: cos 1, sin 0); with per-token
+   timesteps (Wan 2.2 TI2V: ``e0`` ``[B, L, 6, dim]``) each rank keeps its tokens' rows of
+   those too, padded the same way (only the last ranks' chunks are padded);
 2. the blocks run on the chunk: modulation, cross-attention (the full text and image
    context on every rank) and FFN are per token; only self-attention mixes tokens and goes
    through :class:`SequenceParallelAttention`, handed to the blocks as explicit per-call data
@@ -45,7 +47,9 @@ head output (``(P - 1) * L/P * 64 * 4`` bytes; the head is per token, so it runs
 
 Sharded weights (:func:`shard_blocks`): FSDP2 ``fully_shard`` of every block over the
 sequence group, so a rank keeps 1/P of the block weights and gathers a block just before it
-runs.
+runs. The run plan decides (``ParallelConfig.shard_weights`` "auto"): a rank's budget is
+planned by :mod:`wan_core.parallel_plan` (whole weights, else sharded, else block swap) and
+the sampling stage of :func:`wan_core.run_plan.prepare_run` (``parallel=``) shards.
 
 Limits: step caches (TeaCache/MagCache) decide per rank and are refused with sequence
 parallelism (their decisions would differ between ranks), and so are VACE models (their
@@ -66,18 +70,21 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from .attention import attention
 from .dit import BlockInputs, RopeOptions, WanDiT
+from .fp8 import is_fp8
+from .offload import BlockSwap
 from .runner import BlockExecutor, DiTRunner
 
-__all__ = ["ParallelConfig", "ParallelGroups", "DistributedError", "make_groups", "init_process_group", "cli_parallel",
-           "SequenceParallelAttention", "SequenceParallelRunner", "CFGParallel", "shard_tokens", "gather_tokens",
-           "comm_bytes_per_step", "shard_blocks"]
+__all__ = ["SHARD_WEIGHTS", "ParallelConfig", "ParallelGroups", "DistributedError", "make_groups", "init_process_group",
+           "cli_parallel", "SequenceParallelAttention", "SequenceParallelRunner", "CFGParallel", "shard_tokens", "gather_tokens",
+           "comm_bytes_per_step", "shard_blocks", "shardable_params", "is_sharded"]
 
 #: Head counts of the published DiTs (for the error message; the check uses the model's own).
 PUBLISHED_HEADS = "12 for Wan 2.1 1.3B, 40 for 14B"
+SHARD_WEIGHTS: tuple[str, ...] = ("auto", "on", "off")
 DEFAULT_TIMEOUT_S = 600.0
 
 
@@ -92,15 +99,21 @@ class ParallelConfig:
     ulysses: Ulysses degree U (all-to-all over attention heads; must divide the head count).
     ring: Ring degree R (K/V blocks passed round a ring). Sequence-parallel degree P = U * R.
     cfg_parallel: run the conditional and unconditional passes on two halves of the world.
+    shard_weights: FSDP2-shard the DiT blocks over the sequence group (:func:`shard_blocks`):
+        "auto" (the run plan shards when the whole DiT does not fit a rank's budget, before
+        falling back to block swap; :mod:`wan_core.parallel_plan`), "on", "off".
     """
 
     ulysses: int = 1
     ring: int = 1
     cfg_parallel: bool = False
+    shard_weights: str = "auto"
 
     def __post_init__(self) -> None:
         if self.ulysses < 1 or self.ring < 1:
             raise ValueError(f"ulysses and ring degrees must be >= 1; got ulysses={self.ulysses}, ring={self.ring}")
+        if self.shard_weights not in SHARD_WEIGHTS:
+            raise ValueError(f"shard_weights must be one of {', '.join(SHARD_WEIGHTS)}; got {self.shard_weights!r}")
 
     @property
     def sequence_degree(self) -> int:
@@ -342,23 +355,34 @@ class SequenceParallelAttention:
 # --------------------------------------------------------------------------- tokens
 
 
+def _chunk_of(x: Tensor, chunk: int, index: int, fill: float = 0.0) -> Tensor:
+    """Rows ``index * chunk`` .. ``(index + 1) * chunk`` of ``x`` along dim 1, the rows past its
+    end filled with ``fill``: a copy, so the full tensor can be freed (only the last ranks'
+    chunks are padded; nobody builds the padded full sequence)."""
+    length = x.shape[1]
+    start, stop = min(index * chunk, length), min((index + 1) * chunk, length)
+    part = x[:, start:stop]
+    if stop - start == chunk:
+        return part.clone()
+    return torch.cat([part, x.new_full((x.shape[0], chunk - (stop - start), *x.shape[2:]), fill)], dim=1)
+
+
 def shard_tokens(tokens: Tensor, inputs: BlockInputs, groups: ParallelGroups) -> tuple[Tensor, BlockInputs]:
     """This rank's chunk ``[B, c, dim]`` of ``tokens`` ``[B, L, dim]`` (zero-padded to a
-    multiple of P) and the block inputs for it: RoPE rows of the same global positions and
-    the sequence-parallel self-attention."""
+    multiple of P) and the block inputs for it: RoPE rows of the same global positions, the
+    sequence-parallel self-attention, and with per-token timesteps (Wan 2.2 TI2V: ``e0``
+    ``[B, L, 6, dim]``, ``e`` ``[B, L, dim]``) the same rows of those (padding rows zero;
+    their outputs are dropped)."""
     p, s = groups.config.sequence_degree, groups.sequence_rank
     length = tokens.shape[1]
     chunk = math.ceil(length / p)
-    pad = chunk * p - length
     cos, sin = inputs.rope
-    if pad:
-        tokens = torch.nn.functional.pad(tokens, (0, 0, 0, pad))
-        cos = torch.cat([cos, cos.new_ones((pad, *cos.shape[1:]))])   # padding rows: no rotation
-        sin = torch.cat([sin, sin.new_zeros((pad, *sin.shape[1:]))])
-    sl = slice(s * chunk, (s + 1) * chunk)
-    local = tokens[:, sl].clone()   # a copy, so the full sequence can be freed
-    rope = (cos[sl].contiguous(), sin[sl].contiguous())
-    return local, dataclasses.replace(inputs, rope=rope, self_attention=SequenceParallelAttention(groups, length))
+    # padding rows: no rotation (cos 1, sin 0); the tables are [L, 1, head_dim/2]
+    rope = (_chunk_of(cos[None], chunk, s, 1.0)[0], _chunk_of(sin[None], chunk, s, 0.0)[0])
+    local = dataclasses.replace(inputs, rope=rope, self_attention=SequenceParallelAttention(groups, length))
+    if inputs.e0.dim() == 4:   # one timestep per token: each rank takes its tokens' rows
+        local = dataclasses.replace(local, e0=_chunk_of(inputs.e0, chunk, s), e=_chunk_of(inputs.e, chunk, s))
+    return _chunk_of(tokens, chunk, s), local
 
 
 def gather_tokens(local: Tensor, groups: ParallelGroups, length: int) -> Tensor:
@@ -378,15 +402,14 @@ class SequenceParallelRunner(DiTRunner):
     def __init__(self, dit: WanDiT, groups: ParallelGroups, executor: BlockExecutor | None = None) -> None:
         super().__init__(dit, executor, None)
         groups.config.check(groups.config.world_size, dit.cfg.num_heads)
-        from .offload import BlockSwap
-
-        if isinstance(executor, BlockSwap) and any(type(p).__name__ == "DTensor" for p in dit.blocks.parameters()):
+        if isinstance(executor, BlockSwap) and is_sharded(dit):
             raise ValueError("block swap cannot stream sharded blocks (shard_blocks): use one or the other")
         self.groups = groups
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None,
                  y: Tensor | None = None, branch: str = "cond", *, rope: RopeOptions | None = None,
-                 skip_blocks: Iterable[int] = (), vace_strength: float | None = None) -> Tensor:
+                 skip_blocks: Iterable[int] = (), vace_strength: float | None = None,
+                 full_ref: Tensor | None = None) -> Tensor:
         if vace_strength is not None or self.dit.cfg.vace_layers:
             raise ValueError("VACE models do not run with sequence parallelism yet (their hints are full-sequence); "
                              "use --cfg-parallel alone or one process")
@@ -394,17 +417,21 @@ class SequenceParallelRunner(DiTRunner):
             raise ValueError("step caches (TeaCache/MagCache) decide per rank and cannot run with sequence "
                              "parallelism; turn the step cache off or use --cfg-parallel alone")
         extra = {} if rope is None else {"rope": rope}
+        if full_ref is not None:
+            extra["full_ref"] = full_ref
         tokens, inputs = self.dit.prepare(x, t, context, clip_fea, y, **extra)
         skip = frozenset(int(i) for i in skip_blocks)
         n = len(self.dit.blocks)
         if not all(0 <= i < n for i in skip):
             raise ValueError(f"skip_blocks {sorted(skip)} must be block indices 0..{n - 1}")
-        length = tokens.shape[1]
+        length, (f, h, w), ref = tokens.shape[1], inputs.grid, inputs.ref_tokens
         local, local_inputs = shard_tokens(tokens, dataclasses.replace(inputs, skip_blocks=skip), self.groups)
-        del tokens
+        del tokens, inputs   # the full sequence (and per-token timesteps) is not needed again
         local = self.executor.run(self.dit.blocks, local, local_inputs)
-        # the head is per token: run it on the chunk and gather 64 features a token, not dim
-        return self.dit.unpatchify(gather_tokens(self.dit.head(local, inputs.e), self.groups, length), inputs.grid)
+        # the head is per token: run it on the chunk and gather 64 features a token, not dim;
+        # a Fun V1.1 reference frame's tokens lead the sequence and are dropped (dit.finish)
+        out = gather_tokens(self.dit.head(local, local_inputs.e), self.groups, length)
+        return self.dit.unpatchify(out[:, ref:], (f - 1, h, w) if ref else (f, h, w))
 
 
 class CFGParallel:
@@ -434,7 +461,7 @@ def cli_parallel(args) -> ParallelGroups | None:
     on GPUs, gloo with ``--device cpu``), gives each rank its own GPU (``cuda:LOCAL_RANK``
     when ``--device`` is auto/cuda) and quiets the log of every rank but 0.
     """
-    config = ParallelConfig(args.ulysses, args.ring, args.cfg_parallel)
+    config = ParallelConfig(args.ulysses, args.ring, args.cfg_parallel, args.shard_weights)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and config.world_size == 1:
         return None
@@ -454,14 +481,17 @@ def cli_parallel(args) -> ParallelGroups | None:
 
 
 def comm_bytes_per_step(config: ParallelConfig, tokens: int, dim: int, layers: int, latent_elems: int,
-                        activation_bytes: int = 2, guided: bool = True, head_features: int = 64) -> dict[str, int]:
+                        activation_bytes: int = 2, guided: bool = True, head_features: int = 64,
+                        sharded_bytes: int = 0) -> dict[str, int]:
     """Bytes one rank sends per sampling step (the formula of the module docstring).
 
     tokens: L (before padding); dim: model width; layers: DiT blocks; latent_elems: elements
     of one velocity ``[16, T', H/8, W/8]`` (float32, exchanged by CFG parallelism);
     activation_bytes: of the compute dtype (2 for bf16); guided: cfg != 1 (two branches);
-    head_features: per token out of the head (patch 1x2x2 x 16 channels = 64).
-    Returns the parts ("ulysses", "ring", "gather", "cfg") and their "total".
+    head_features: per token out of the head (patch 1x2x2 x 16 channels = 64);
+    sharded_bytes: the blocks' bytes FSDP2 shards (:func:`shard_blocks`; 0 = whole weights):
+    each DiT call all-gathers them, a rank sending its 1/P shard to the P - 1 others.
+    Returns the parts ("ulysses", "ring", "gather", "fsdp", "cfg") and their "total".
     """
     u, r, p = config.ulysses, config.ring, config.sequence_degree
     chunk = math.ceil(tokens / p)
@@ -473,6 +503,7 @@ def comm_bytes_per_step(config: ParallelConfig, tokens: int, dim: int, layers: i
         "ring": layers * 2 * (r - 1) * chunk * dim * activation_bytes,
         # the head's float32 output chunk (64 features a token) to every other rank of the group
         "gather": (p - 1) * chunk * head_features * 4 if p > 1 else 0,
+        "fsdp": sharded_bytes * (p - 1) // p,
     }
     parts = {k: v * calls for k, v in parts.items()}
     parts["cfg"] = latent_elems * 4 if config.cfg_parallel and guided else 0
@@ -480,22 +511,34 @@ def comm_bytes_per_step(config: ParallelConfig, tokens: int, dim: int, layers: i
     return parts
 
 
-def shard_blocks(dit: WanDiT, groups: ParallelGroups, device: torch.device | str = "cpu") -> WanDiT:
+def shardable_params(block: nn.Module) -> tuple[set[nn.Parameter], set[nn.Parameter]]:
+    """(sharded, kept whole) parameters of one block under :func:`shard_blocks`: the ones stored
+    in the dtype of the Linear weights are sharded, the others (float32 norms and modulation of
+    a bf16 model, fp8 scales, bf16 biases of an fp8 model) stay whole on every rank."""
+    weight_dtype = block.self_attn.q.weight.dtype
+    params = set(block.parameters())
+    sharded = {p for p in params if p.dtype == weight_dtype}
+    return sharded, params - sharded
+
+
+def shard_blocks(dit: WanDiT, groups: ParallelGroups, device: torch.device | str = "cpu", *,
+                 mesh=None) -> WanDiT:
     """Shard the DiT blocks' weights over the sequence group with FSDP2 (``fully_shard``).
 
     Each rank keeps 1/P of every block's Linear weights (the dtype they are stored in: bf16,
-    fp16, fp32; fp8 needs NCCL) and all-gathers a block's just before it runs, freeing them
-    after (``reshard_after_forward``); parameters of another dtype (the float32 norms and
-    modulation of a bf16 model) stay whole on every rank. Embeddings and head stay whole too
+    fp16, fp32; fp8 stays fp8 and needs NCCL) and all-gathers a block's just before it runs,
+    freeing them after (``reshard_after_forward``); the other parameters
+    (:func:`shardable_params`) stay whole on every rank. Embeddings and head stay whole too
     (about 2 % of the 14B). The ranks of a sequence group run the same blocks at the same time
     (Skip Layer Guidance skips the same ones in a group), which FSDP's collectives need; CFG
     halves never share a collective. Not combinable with block swap (it moves whole blocks).
-    Returns ``dit``, changed in place. Every rank of the world calls it.
+    ``mesh``: a ``DeviceMesh`` over ``groups.sequence_group`` (default: built here; the
+    simulated GPU builds its own outside its fake tensors). Returns ``dit``, changed in place:
+    it stays sharded. Every rank of the world calls it.
     """
+    # FSDP and DeviceMesh cost ~2 s of import: only a sharded run pays it
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
-
-    from .fp8 import is_fp8
 
     device = torch.device(device)
     if groups.config.sequence_degree == 1:
@@ -503,10 +546,15 @@ def shard_blocks(dit: WanDiT, groups: ParallelGroups, device: torch.device | str
     if dist.get_backend(groups.sequence_group) == "gloo" and any(is_fp8(p.dtype) for p in dit.blocks.parameters()):
         raise ValueError("fp8 weights cannot be sharded over gloo (it has no float8 all_gather): shard them on GPUs "
                          "(NCCL) or store the DiT in bf16")
-    mesh = DeviceMesh.from_group(groups.sequence_group, device.type)
+    mesh = mesh or DeviceMesh.from_group(groups.sequence_group, device.type)
     for block in dit.blocks:
-        block.to(device)   # one whole block on the device at a time; FSDP keeps this rank's shard
-        weight_dtype = block.self_attn.q.weight.dtype
-        whole = {p for p in block.parameters() if p.dtype != weight_dtype}
+        if any(p.device.type != device.type or device.index not in (None, p.device.index) for p in block.parameters()):
+            block.to(device)   # one whole block on the device at a time; FSDP keeps this rank's shard
+        _sharded, whole = shardable_params(block)
         fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=whole or None)
     return dit
+
+
+def is_sharded(dit: WanDiT) -> bool:
+    """Whether :func:`shard_blocks` has sharded ``dit``'s blocks (their weights are DTensors)."""
+    return any(type(p).__name__ == "DTensor" for p in dit.blocks.parameters())   # no DTensor import (see above)

@@ -52,20 +52,21 @@ from torch import Tensor, nn
 
 from .attention import BACKENDS, attention
 from .configs import DiTConfig
+from .fun import prepend_reference
 from .layers import CastLinear, PrecisionPolicy
+from .rope import (RIFLEX_K, RIFLEX_MARGIN, ROPE_DTYPE, ROPE_THETA, RopeOptions, apply_rope,  # noqa: F401
+                   apply_rope_, rope_axis_dims, rope_frequencies, rope_tables)
 
 if TYPE_CHECKING:
     from .checkpoint import LoadReport
 
 PRECISION = PrecisionPolicy(keep_fp32=(
     "patch_embedding", "time_embedding", "time_projection", "modulation", "norm",
-    "head.head", "img_emb.proj.0.", "img_emb.proj.4.", "img_emb.emb_pos",
+    "head.head", "img_emb.proj.0.", "img_emb.proj.4.", "img_emb.emb_pos", "ref_conv",
 ))
 FP32_PARAMS: tuple[str, ...] = PRECISION.keep_fp32
 #: Whether parameter ``name`` (official DiT name) is stored and computed in float32.
 keeps_fp32 = PRECISION.keeps_fp32
-ROPE_DTYPE: torch.dtype = torch.float32
-ROPE_THETA = 10000.0
 
 
 # --------------------------------------------------------------------------- layers
@@ -122,81 +123,6 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
 
 
-def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
-    """Real dims given to (t, h, w) by the official split: (44, 42, 42) for head_dim 128."""
-    hw = 2 * (head_dim // 6)
-    return head_dim - 2 * hw, hw, hw
-
-
-RIFLEX_K = 6   # published intrinsic temporal frequency index for Wan 2.1 (1-based; Wan2GP, WanVideoWrapper)
-RIFLEX_MARGIN = 0.9   # RIFLEx keeps the extrapolated length below 90 % of one period
-
-
-@dataclass(frozen=True)
-class RopeOptions:
-    """How one DiT call places its tokens in RoPE space (explicit per-call data).
-
-    time_offset: latent-frame position of the first frame (0 = the clip starts at 0; a
-        context window with global positions passes its start frame).
-    riflex_k: RIFLEx (Zhao et al. 2025, arXiv 2502.15894): 1-based index of the temporal
-        frequency to lower (0 = off; published for Wan 2.1: :data:`RIFLEX_K` = 6).
-    riflex_length: L' in latent frames (the whole video); that frequency becomes
-        ``0.9 * 2 pi / L'`` so the positions 0..L'-1 stay within 90 % of one period.
-    """
-
-    time_offset: int = 0
-    riflex_k: int = 0
-    riflex_length: int = 0
-
-    def __post_init__(self) -> None:
-        if self.time_offset < 0:
-            raise ValueError(f"time_offset must be >= 0 latent frames; got {self.time_offset}")
-        if self.riflex_k < 0 or (self.riflex_k and self.riflex_length < 1):
-            raise ValueError(f"RIFLEx needs k >= 1 and the video length in latent frames >= 1; got "
-                             f"k={self.riflex_k}, length={self.riflex_length} (k=0 turns it off)")
-
-
-def rope_frequencies(d: int, device: torch.device | None = None, riflex_k: int = 0,
-                     riflex_length: int = 0) -> Tensor:
-    """Inverse frequencies ``theta^(-2i/d)`` ``[d/2]`` float64 of one axis; with RIFLEx
-    (``riflex_k`` >= 1) entry ``k-1`` becomes ``0.9 * 2 pi / riflex_length``."""
-    inv = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
-    if riflex_k:
-        if riflex_k > inv.numel():
-            raise ValueError(f"RIFLEx index k={riflex_k} is beyond the {inv.numel()} temporal frequencies")
-        inv[riflex_k - 1] = RIFLEX_MARGIN * 2 * math.pi / riflex_length
-    return inv
-
-
-def rope_tables(grid: tuple[int, int, int], head_dim: int, device: torch.device,
-                dtype: torch.dtype = ROPE_DTYPE, options: RopeOptions | None = None) -> tuple[Tensor, Tensor]:
-    """cos/sin tables ``[L, 1, head_dim/2]`` for a patch grid ``(F', H', W')``, L = F'H'W'.
-
-    Positions are patch-grid indices from 0 on each axis (time from ``options.time_offset``);
-    each axis has its own frequencies ``theta^(-2i/d_axis)`` (time: RIFLEx may lower one, see
-    :class:`RopeOptions`). Built in float64 (official), returned in ``dtype``.
-    """
-    opt = options if options is not None else RopeOptions()
-    angles = []
-    for axis, (n, d) in enumerate(zip(grid, rope_axis_dims(head_dim))):
-        inv = rope_frequencies(d, device, *((opt.riflex_k, opt.riflex_length) if axis == 0 else (0, 0)))
-        start = opt.time_offset if axis == 0 else 0
-        angles.append(torch.outer(torch.arange(start, start + n, dtype=torch.float64, device=device), inv))
-    f, h, w = grid
-    a = torch.cat([angles[0][:, None, None].expand(f, h, w, -1),
-                   angles[1][None, :, None].expand(f, h, w, -1),
-                   angles[2][None, None, :].expand(f, h, w, -1)], dim=-1)
-    a = a.reshape(f * h * w, 1, head_dim // 2)
-    return a.cos().to(dtype), a.sin().to(dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent feature pairs of ``x`` ``[B, L, H, D]``; result in ``cos.dtype``."""
-    x = x.to(cos.dtype).unflatten(-1, (-1, 2))
-    x0, x1 = x[..., 0], x[..., 1]
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-
-
 class MLPProj(nn.Module):
     """``img_emb``: CLIP tokens ``[B, N, clip_dim]`` -> image context ``[B, N, dim]`` float32.
 
@@ -245,6 +171,9 @@ class BlockInputs:
     # the first call and read by later ones with the same text/image context; None = computed per
     # call. The runner owns it (wan_core.runner.ContextKVCache: one per guidance branch, per run).
     cross_kv: dict[nn.Module, tuple[Tensor, Tensor, Tensor | None, Tensor | None]] | None = None
+    # leading tokens that are a Fun V1.1 reference frame (``full_ref``; ``grid`` counts it as one
+    # more frame for RoPE), dropped by ``finish``; 0 for every other call
+    ref_tokens: int = 0
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
@@ -255,6 +184,15 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:
 def _merge_heads(x: Tensor) -> Tensor:
     """``[B, L, heads, D]`` (any strides) -> ``[B, L, heads*D]``, heads outermost in features."""
     return rearrange(x, "b l h d -> b l (h d)")
+
+
+def _rope_fresh(x: Tensor, inp: BlockInputs) -> Tensor:
+    """RoPE of a norm output nobody else holds: rotated in place when it already has the table
+    dtype and no gradient is recorded (bit-identical to :func:`apply_rope`)."""
+    cos, sin = inp.rope
+    if x.dtype != cos.dtype or (torch.is_grad_enabled() and x.requires_grad):
+        return apply_rope(x, cos, sin)
+    return apply_rope_(x, cos, sin)
 
 
 class SelfAttention(nn.Module):
@@ -271,8 +209,8 @@ class SelfAttention(nn.Module):
         """``x`` ``[B, L, dim]`` (any float dtype) -> ``[B, L, dim]`` compute dtype."""
         cd, heads = inp.compute_dtype, self.num_heads
         x = x.to(cd)
-        q = apply_rope(_split_heads(self.norm_q(self.q(x)), heads), *inp.rope).to(cd)
-        k = apply_rope(_split_heads(self.norm_k(self.k(x)), heads), *inp.rope).to(cd)
+        q = _rope_fresh(_split_heads(self.norm_q(self.q(x)), heads), inp).to(cd)
+        k = _rope_fresh(_split_heads(self.norm_k(self.k(x)), heads), inp).to(cd)
         v = _split_heads(self.v(x), heads)
         attend = attention if inp.self_attention is None else inp.self_attention
         return self.o(_merge_heads(attend(q, k, v, inp.attention_backend)))
@@ -327,6 +265,30 @@ class CrossAttention(nn.Module):
         return self.o(_merge_heads(out))
 
 
+def _reuse_buffers(x: Tensor) -> bool:
+    """Whether a block writes the temporaries it owns in place (residual stream after its first
+    add, gated outputs, the FFN hidden): on the CPU, where every fresh buffer over 32 MiB is
+    newly mapped memory (glibc), page faults and all (FFN of 1,950 tokens at 1.3B widths: -5 %
+    CPU time, bench/dit_profile.py), and only when no gradient is recorded. Bit-identical:
+    the same kernels on the same operands. Not on a GPU: the caching allocator reuses memory
+    there, and the run plan's activation figures (wan_core.planner, checked by wan_core.memsim)
+    are those of the out-of-place form."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def _gated(y: Tensor, gate: Tensor, reuse: bool) -> Tensor:
+    """``y * gate`` (float32 ``gate``), in place on the fresh ``y`` when it is float32 too."""
+    if reuse and y.dtype == gate.dtype and y.shape == torch.broadcast_shapes(y.shape, gate.shape):
+        return y.mul_(gate)
+    return y * gate
+
+
+def _residual(x: Tensor, y: Tensor, reuse: bool) -> Tensor:
+    """``x + y`` into ``x`` (a float32 tensor the block made) when ``reuse``; ``y`` may be in the
+    compute dtype (promoted inside the add exactly as in ``x + y``)."""
+    return x.add_(y) if reuse and x.dtype == torch.promote_types(x.dtype, y.dtype) else x + y
+
+
 class WanBlock(nn.Module):
     """One DiT block; the residual stream ``x`` ``[B, L, dim]`` is float32 in and out.
 
@@ -347,18 +309,36 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: Tensor, inp: BlockInputs) -> Tensor:
-        if inp.e0.dim() == 3:   # one timestep per sample: [B, 6, dim]
-            shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + inp.e0).chunk(6, dim=1)
-        else:                   # per token (Wan 2.2 TI2V): [B, L, 6, dim] -> six [B, L, dim]
-            shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + inp.e0).unbind(2)
+        mod = self.modulation.float()
+        per_token = inp.e0.dim() == 4
+        if not per_token:       # one timestep per sample: [B, 6, dim]
+            shift1, scale1, gate1, shift2, scale2, gate2 = (mod + inp.e0).chunk(6, dim=1)
+        else:                   # per token (Wan 2.2 TI2V): [B, L, 6, dim] -> [B, L, dim] each, three per
+            # phase: the same sums as adding all six at once (bit-identical), 3 float32 [L, dim] fewer live
+            shift1, scale1, gate1 = (mod[:, :3] + inp.e0[:, :, :3]).unbind(2)
         cd = inp.compute_dtype
         # Each float32 norm output is cast to the compute dtype here, where it dies at once,
         # instead of inside the callee while this frame still holds it: the same casts in the
         # same order (bit-identical), one float32 [L, dim] fewer in each phase of the block
         # (wan_core.memsim: a 14B step's activations at 480p x 81 went from 4.74 to 3.93 GiB).
-        x = x + self.self_attn(_modulate(x, shift1, scale1, self.eps).to(cd), inp) * gate1
-        x = x + self.cross_attn(self.norm3(x).to(cd), inp)
-        return x + self.ffn(_modulate(x, shift2, scale2, self.eps).to(cd)) * gate2
+        # On the CPU the temporaries this block owns are reused in place (_reuse_buffers).
+        reuse = _reuse_buffers(x)
+        x = x + _gated(self.self_attn(_modulate(x, shift1, scale1, self.eps).to(cd), inp), gate1, reuse)
+        if per_token:
+            del shift1, scale1, gate1
+        x = _residual(x, self.cross_attn(self.norm3(x).to(cd), inp), reuse)   # x is this block's own now
+        if per_token:
+            shift2, scale2, gate2 = (mod[:, 3:] + inp.e0[:, :, 3:]).unbind(2)
+        return _residual(x, _gated(self._ffn(_modulate(x, shift2, scale2, self.eps).to(cd), reuse), gate2, reuse),
+                         reuse)
+
+    def _ffn(self, h: Tensor, reuse: bool) -> Tensor:
+        """``ffn(h)``: Linear -> tanh GELU -> Linear; the GELU in place on the fresh hidden
+        ``[B, L, ffn_dim]`` when ``reuse`` (the same kernel: bit-identical)."""
+        if not reuse:
+            return self.ffn(h)
+        first, gelu, second = self.ffn
+        return second(torch.ops.aten.gelu_(first(h), approximate=gelu.approximate))
 
 
 class Head(nn.Module):
@@ -421,6 +401,8 @@ class WanDiT(nn.Module):
         if cfg.has_image_input:
             pos_len = cfg.image_pos_len if cfg.model_type == "flf2v" else 0
             self.img_emb = MLPProj(cfg.clip_dim, dim, pos_len)
+        if cfg.ref_in_dim:   # Fun V1.1 Control: the reference latent -> one frame of tokens
+            self.ref_conv = nn.Conv2d(cfg.ref_in_dim, dim, kernel_size=cfg.patch_size[1:], stride=cfg.patch_size[1:])
 
     # -- precision -----------------------------------------------------------------
 
@@ -442,10 +424,15 @@ class WanDiT(nn.Module):
     # -- forward in three parts ------------------------------------------------------
 
     def prepare(self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None,
-                y: Tensor | None = None, *, rope: RopeOptions | None = None) -> tuple[Tensor, BlockInputs]:
+                y: Tensor | None = None, *, rope: RopeOptions | None = None,
+                full_ref: Tensor | None = None,
+                embedded: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, BlockInputs]:
         """Steps 1-4: tokens ``[B, L, dim]`` float32 and the per-call :class:`BlockInputs`.
 
-        Arguments as in :meth:`forward`.
+        Arguments as in :meth:`forward`, plus ``embedded``: ``(inputs.context,
+        inputs.context_img)`` of an earlier call with the same ``context`` / ``clip_fea`` (and
+        weights), used instead of steps 3-4 (the text does not change across the steps of a
+        run: :class:`wan_core.runner.ContextKVCache` keeps them per guidance branch).
         """
         cfg = self.cfg
         self._check_inputs(x, t, context, clip_fea, y)
@@ -466,19 +453,31 @@ class WanDiT(nn.Module):
         e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim))
 
         # 3. text, zero-padded to text_len and attended without a mask (official behaviour)
-        pad = cfg.text_len - context.shape[1]
-        ctx = self.text_embedding(F.pad(context.to(cd), (0, 0, 0, pad)))
-
         # 4. image tokens
-        ctx_img = self.img_emb(clip_fea, cd) if clip_fea is not None else None
+        ctx, ctx_img = embedded if embedded is not None else self._embed_context(context, clip_fea, cd)
 
+        ref_tokens = 0
+        if full_ref is not None:   # Fun V1.1: the reference frame's tokens go first, RoPE frame 0
+            tokens, grid = prepend_reference(getattr(self, "ref_conv", None), cfg, tokens, grid, full_ref)
+            ref_tokens = grid[1] * grid[2]
         tables = rope_tables(grid, cfg.head_dim, tokens.device, self.rope_dtype, rope)
         inputs = BlockInputs(e0=e0, e=e, context=ctx, context_img=ctx_img, rope=tables, grid=grid,
-                             compute_dtype=cd, attention_backend=self.attention_backend)
+                             compute_dtype=cd, attention_backend=self.attention_backend, ref_tokens=ref_tokens)
         return tokens, inputs
 
+    def _embed_context(self, context: Tensor, clip_fea: Tensor | None,
+                       cd: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """Steps 3-4: text ``[B, text_len, dim]`` in ``cd``, CLIP tokens ``[B, N, dim]`` float32 or None."""
+        pad = self.cfg.text_len - context.shape[1]
+        ctx = self.text_embedding(F.pad(context.to(cd), (0, 0, 0, pad)))
+        return ctx, self.img_emb(clip_fea, cd) if clip_fea is not None else None
+
     def finish(self, x: Tensor, inputs: BlockInputs) -> Tensor:
-        """Step 6: tokens ``[B, L, dim]`` -> velocity ``[B, out_dim, F, H, W]`` float32."""
+        """Step 6: tokens ``[B, L, dim]`` -> velocity ``[B, out_dim, F, H, W]`` float32 (the
+        reference frame of a Fun V1.1 call dropped first: the head is per token)."""
+        if inputs.ref_tokens:
+            f, h, w = inputs.grid
+            return self.unpatchify(self.head(x[:, inputs.ref_tokens:], inputs.e), (f - 1, h, w))
         return self.unpatchify(self.head(x, inputs.e), inputs.grid)
 
     def unpatchify(self, out: Tensor, grid: tuple[int, int, int]) -> Tensor:
@@ -491,7 +490,8 @@ class WanDiT(nn.Module):
                          f=f, h=h, w=w, pt=pt, ph=ph, pw=pw).float()
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None,
-                y: Tensor | None = None, *, rope: RopeOptions | None = None) -> Tensor:
+                y: Tensor | None = None, *, rope: RopeOptions | None = None,
+                full_ref: Tensor | None = None) -> Tensor:
         """Predict the flow-matching velocity (noise - x0).
 
         Args:
@@ -504,11 +504,14 @@ class WanDiT(nn.Module):
             y: i2v/flf2v conditioning ``[B, in_dim-16, F, H, W]`` (mask 4 + VAE latents 16),
                 concatenated to ``x`` on channels.
             rope: token positions / RIFLEx (:class:`RopeOptions`); None = the official ones.
+            full_ref: Fun V1.1 Control only: the reference image's normalised latent
+                ``[B, 16, H, W]`` (VideoX-Fun passes zeros without a reference image; None = no
+                reference tokens at all). See :mod:`wan_core.fun`.
 
         Returns:
             ``[B, out_dim, F, H, W]`` float32.
         """
-        tokens, inputs = self.prepare(x, t, context, clip_fea, y, rope=rope)
+        tokens, inputs = self.prepare(x, t, context, clip_fea, y, rope=rope, full_ref=full_ref)
         for block in self.blocks:
             tokens = block(tokens, inputs)
         return self.finish(tokens, inputs)

@@ -308,7 +308,8 @@ def _detect_dit(tf: TensorFile, prefix: str) -> Detected:
         raise CheckpointError(f"{tf.path.name}: DiT width {dim} is not a multiple of 128 (head_dim); "
                               "not a Wan 2.1 model.")
     ti2v = in_dim == 48 and out_dim == 48 and "img_emb.proj.0.weight" not in official
-    if (out_dim == 48 or in_dim == 48) and not ti2v:
+    fun_control = in_dim == 48 and out_dim == 16 and "img_emb.proj.0.weight" in official   # wan_core.fun
+    if (out_dim == 48 or in_dim == 48) and not (ti2v or fun_control):
         raise CheckpointError(f"{tf.path.name}: a DiT with {in_dim} input and {out_dim} output channels is "
                               "neither Wan 2.1 (16) nor Wan 2.2 TI2V-5B (48 in and out, no image embedder).")
     model_type = "t2v"
@@ -323,21 +324,41 @@ def _detect_dit(tf: TensorFile, prefix: str) -> Detected:
         model_type = "ti2v"         # Wan 2.2 TI2V-5B: 48-channel latents of the Wan 2.2 VAE
     if model_type == "t2v" and in_dim == 36 and out_dim == 16:
         model_type = "i2v_noclip"   # Wan 2.2 I2V-A14B: mask + image latents, no CLIP branch
+    if any(k.startswith("control_adapter.") for k in official):
+        raise CheckpointError(f"{tf.path.name}: a Wan2.1-Fun Control-Camera DiT (control_adapter, {in_dim} input "
+                              "channels) is not supported yet; Fun Control (48) and Fun InP (36) are.")
     if model_type == "t2v" and in_dim != 16:
         raise CheckpointError(f"{tf.path.name}: a DiT with {in_dim} input channels and no image "
-                              "embedder (Fun/control variant?) is not supported.")
-    if model_type not in ("t2v", "ti2v") and in_dim != 36:
+                              "embedder is not a Wan 2.1 T2V, VACE or Fun model this loader knows.")
+    if model_type not in ("t2v", "ti2v") and in_dim != 36 and not fun_control:
         raise CheckpointError(f"{tf.path.name}: an image-conditioned DiT with {in_dim} input channels "
-                              "(Fun/control variant?) is not supported; Wan 2.1 I2V/FLF2V have 36.")
+                              "is not supported; Wan 2.1 I2V/FLF2V and Fun InP have 36, Fun Control 48.")
+    ref_in_dim = _ref_conv_width(tf, official, shape, dim, patch) if fun_control else 0
+    if not fun_control and "ref_conv.weight" in official:
+        raise CheckpointError(f"{tf.path.name}: ref_conv (a Fun V1.1 Control reference input) in a DiT with "
+                              f"{in_dim} input channels; only Fun Control (48) has it. The file is not supported.")
     vace_layers, vace_in_dim = _vace_config(tf, official, shape, model_type, num_layers, dim, patch)
     cfg = DiTConfig(dim=dim, ffn_dim=ffn_dim, num_layers=num_layers,
                     in_dim=in_dim, out_dim=out_dim, text_dim=text_dim,
                     freq_dim=freq_dim, model_type=model_type,
                     clip_dim=clip_dim, image_pos_len=image_pos_len, patch_size=patch,  # type: ignore[arg-type]
-                    vace_layers=vace_layers, vace_in_dim=vace_in_dim)
+                    vace_layers=vace_layers, vace_in_dim=vace_in_dim,
+                    fun="control" if fun_control else "", ref_in_dim=ref_in_dim)
     quant, scales = _quant_and_scales(tf)
     recipes = {o: Recipe((f,)) for o, f in official.items()}
     return Detected("dit", layout, cfg, recipes, quant, scales)
+
+
+def _ref_conv_width(tf: TensorFile, official: dict[str, str], shape, dim: int, patch: tuple[int, ...]) -> int:
+    """Input width of a Fun V1.1 Control ``ref_conv`` (Conv2d, kernel = stride = the spatial
+    patch; 16 published), 0 when the file has none (Fun Control V1.0)."""
+    if "ref_conv.weight" not in official:
+        return 0
+    w = shape("ref_conv.weight", 4)
+    if w[0] != dim or tuple(w[2:]) != tuple(patch[1:]) or "ref_conv.bias" not in official:
+        raise CheckpointError(f"{tf.path.name}: ref_conv.weight has shape {list(w)}; a Fun Control reference conv "
+                              f"is [{dim}, 16, {patch[1]}, {patch[2]}] with a bias. The file is corrupt.")
+    return w[1]
 
 
 def _vace_config(tf: TensorFile, official: dict[str, str], shape, model_type: str, num_layers: int, dim: int,

@@ -51,14 +51,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_map_only
 
 from .fp8 import WEIGHT_DTYPES
 
 __all__ = ["DeviceMemory", "FakeGPU", "Stage", "SimJob", "fake_module", "fake_dit", "fake_vae", "fake_text_encoder",
            "fake_clip_vision", "attention_workspace_bytes", "storage_dtype_rule", "simulate_text_encoder",
-           "simulate_clip", "simulate_vae_encode", "simulate_dit_step", "simulate_vae_decode", "simulate_run"]
+           "simulate_clip", "simulate_vae_encode", "simulate_dit_step", "simulate_vae_decode", "simulate_run",
+           "fake_vae22", "sim_latent_shape", "simulate_image_encode22"]
 
 aten = torch.ops.aten
 _HALF = (torch.float16, torch.bfloat16)
@@ -97,7 +98,9 @@ class DeviceMemory(TorchDispatchMode):
         self._desc.pop(key, None)
 
     def _record(self, t: Tensor) -> None:
-        if t.device.type != self.device_type:
+        # a wrapper subclass (DTensor: FSDP2's sharded parameters) has no storage of its own;
+        # its local tensor is counted by the op that made it
+        if t.device.type != self.device_type or is_traceable_wrapper_subclass(t):
             return
         storage = t.untyped_storage()
         key, nbytes = id(storage), storage.nbytes()
@@ -114,6 +117,16 @@ class DeviceMemory(TorchDispatchMode):
             if self.explain:
                 self.at_peak = (self._op, sorted(((n, self._desc.get(k, "")) for k, n in self._live.items()),
                                                  reverse=True))
+
+    def resized(self, storage) -> None:
+        """A known storage changed size outside any op (``UntypedStorage.resize_``, which FSDP2
+        uses to free and re-allocate gathered parameters): count its new size."""
+        key = id(storage)
+        if key in self._live:
+            nbytes = storage.nbytes()
+            self.current += nbytes - self._live[key]
+            self._live[key] = nbytes
+            self.peak = max(self.peak, self.current)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -337,6 +350,13 @@ def fake_vae(cfg=None, storage: str = "fp32"):
     return fake_module(lambda: WanVAE(cfg or VAEConfig()), storage)
 
 
+def fake_vae22(cfg=None, storage: str = "fp32"):
+    """The Wan 2.2 VAE of TI2V-5B (float32, as the loader runs it)."""
+    from .vae22 import VAE22Config, WanVAE22
+
+    return fake_module(lambda: WanVAE22(cfg or VAE22Config()), storage)
+
+
 def fake_text_encoder(cfg=None, storage: str = "bf16"):
     from .configs import T5Config
     from .text_encoder import UMT5Encoder, keeps_fp32
@@ -397,6 +417,16 @@ class SimJob:
     clip_storage: str = "fp16"
     text_tokens: int = 512       # worst case: prompts of the full umT5 length
     cfg_scale: float = 5.0
+    image: bool = False          # Wan 2.2 with a start image (TI2V: per-token timesteps; I2V-A14B: no CLIP)
+
+
+def sim_latent_shape(out_dim: int, job: SimJob) -> tuple[int, int, int, int]:
+    """The latents of ``job`` for a model of ``out_dim`` latent channels: ``(16, T', H/8, W/8)``
+    or, 48 channels (Wan 2.2 VAE), ``(48, T', H/16, W/16)``."""
+    from .conditioning import latent_shape
+
+    c, t, h, w = latent_shape(job.width, job.height, job.frames)
+    return (c, t, h, w) if out_dim != 48 else (48, t, h // 2, w // 2)
 
 
 def simulate_text_encoder(gpu: FakeGPU, te: nn.Module, on_device: bool, tokens: int = 512) -> Stage:
@@ -445,31 +475,56 @@ def simulate_vae_encode(gpu: FakeGPU, vae: nn.Module, clip: nn.Module, job: SimJ
     return s
 
 
-def simulate_dit_step(gpu: FakeGPU, dit: nn.Module, job: SimJob, resident_blocks: int) -> Stage:
+def simulate_image_encode22(gpu: FakeGPU, vae: nn.Module, job: SimJob, tile: int | None = None) -> Stage:
+    """Wan 2.2's image encode with the VAE alone on the device: TI2V-5B's first frame
+    (``encode_ti2v_image``, one frame, Wan 2.2 VAE) or I2V-A14B's guide video
+    (``encode_image_latents``, all frames, no CLIP)."""
+    from .conditioning22 import encode_image_latents
+    from .run_plan import image_encode_stage
+    from .ti2v import encode_ti2v_image
+
+    image = torch.empty(3, job.height, job.width)
+    with gpu.stage("VAE encode") as s, image_encode_stage([vae], "cuda"):
+        if vae.config.z_dim == 48:
+            out = encode_ti2v_image(vae, image)
+        else:
+            out = encode_image_latents(vae, image, job.frames, job.width, job.height, vae_tile=tile)
+        del out
+    return s
+
+
+def simulate_dit_step(gpu: FakeGPU, dit: nn.Module, job: SimJob, resident_blocks: int,
+                      context_cache: bool = False) -> Stage:
     """One denoising step with classifier-free guidance: the conditional and the
     unconditional pass of :func:`wan_core.pipeline.sample`'s model function, the real
     :class:`~wan_core.runner.DiTRunner` over the real :class:`~wan_core.offload.BlockSwap`
     (K resident blocks, the rest streamed one block ahead), inside the real Euler sampler.
     Inputs are placed as ``sample`` places them (latents, text and image conditioning on
-    the device); the block swap's weight copies are made inside the stage."""
-    from .conditioning import latent_shape, make_noise
+    the device); the block swap's weight copies are made inside the stage. ``context_cache``:
+    the runner keeps the text K/V of both branches (:class:`~wan_core.runner.ContextKVCache`,
+    as the run plan turns it on), dropped at the end of the stage."""
+    from .conditioning import make_noise
     from .offload import BlockSwap
     from .runner import DiTRunner
     from .schedulers import flow_schedule, sample_euler
+    from .ti2v import FirstFrameRunner
 
     cfg = dit.cfg
-    shape = latent_shape(job.width, job.height, job.frames)
+    shape = sim_latent_shape(cfg.out_dim, job)
     with gpu.stage("DiT step") as s:
         swap = BlockSwap(resident_blocks, compute_device="cuda").setup(dit)
         try:
-            runner = DiTRunner(dit, executor=swap)
+            runner = base = DiTRunner(dit, executor=swap, context_cache=context_cache)
+            if cfg.model_type == "ti2v" and job.image:   # first frame pinned: per-token timesteps
+                runner = FirstFrameRunner(runner, torch.empty(shape[0], 1, *shape[2:]))
             device = dit.patch_embedding.weight.device
             x = make_noise(0, shape).to(device)[None]
             pos = torch.empty(1, job.text_tokens, cfg.text_dim).to(device)
             neg = torch.empty(1, job.text_tokens, cfg.text_dim).to(device)
             y = clip = None
+            if cfg.in_dim != cfg.out_dim:   # mask + image latents (I2V, FLF2V, I2V-A14B)
+                y = torch.empty(1, cfg.in_dim - cfg.out_dim, *shape[1:]).to(device)
             if cfg.has_image_input:
-                y = torch.empty(1, cfg.in_dim - 16, *shape[1:]).to(device)
                 clip = torch.empty(1, 257, cfg.clip_dim).to(device)
             runner.begin_run(1)
 
@@ -481,6 +536,7 @@ def simulate_dit_step(gpu: FakeGPU, dit: nn.Module, job: SimJob, resident_blocks
 
             out = sample_euler(model_fn, x, flow_schedule(1, 5.0, "euler"))[0].float().cpu()
             del out, x, pos, neg, y, clip
+            base.context_kv.clear()
         finally:
             swap.release()
     return s
@@ -489,12 +545,11 @@ def simulate_dit_step(gpu: FakeGPU, dit: nn.Module, job: SimJob, resident_blocks
 def simulate_vae_decode(gpu: FakeGPU, vae: nn.Module, job: SimJob, tile: int | None) -> Stage:
     """Decode of all latent frames (``decode_tiled`` with the plan's ``tile`` latent px,
     None = untiled; output to the CPU) to frames, as ``generate`` does."""
-    from .conditioning import latent_shape
     from .offload import on_device as placed
     from .pipeline import frames_from_video
     from .vae_tiling import decode_tiled
 
-    latents = torch.empty(latent_shape(job.width, job.height, job.frames))
+    latents = torch.empty(sim_latent_shape(vae.config.z_dim, job))
     with gpu.stage("VAE decode") as s, placed(vae, "cuda", empty_cache=False):
         frames = frames_from_video(decode_tiled(vae, latents[None], tile=tile, output_device="cpu"))
         del frames
@@ -513,6 +568,8 @@ def simulate_run(gpu: FakeGPU, job: SimJob, plan, dit: nn.Module, vae: nn.Module
     if dit.cfg.has_image_input and clip is not None:
         out["CLIP"] = simulate_clip(gpu, clip, job, vae)
         out["VAE encode"] = simulate_vae_encode(gpu, vae, clip, job, plan.vae_encode_tile)
+    elif job.image and dit.cfg.model_type in ("ti2v", "i2v_noclip"):
+        out["VAE encode"] = simulate_image_encode22(gpu, vae, job, plan.vae_encode_tile)
     out["DiT step"] = simulate_dit_step(gpu, dit, job, plan.resident_blocks)
     out["VAE decode"] = simulate_vae_decode(gpu, vae, job, plan.vae_tile)
     return out

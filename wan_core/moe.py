@@ -29,10 +29,14 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from .lora import LoraError, LoraReport, LoraSpec, apply_loras
+from .lora_files import Plan, check_loras
 from .runner import DiTRunner
+from .step_cache import WAN22_NO_TABLE
 
 __all__ = ["MoEOptions", "ExpertPair", "ExpertRunner", "MoESampling", "MOE_T2V_A14B", "MOE_I2V_A14B",
-           "A14B_DEFAULTS", "check_experts", "StagedRunner", "expert_stages"]
+           "A14B_DEFAULTS", "a14b_defaults", "moe_for", "check_experts", "check_pair_options", "check_pair_loras",
+           "StagedRunner", "expert_stages", "apply_expert_loras"]
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -91,6 +95,26 @@ A14B_DEFAULTS: dict[str, tuple[MoEOptions, float, int]] = {
     "t2v": (MOE_T2V_A14B, 12.0, 40),
     "i2v": (MOE_I2V_A14B, 5.0, 40),
 }
+
+
+def a14b_defaults(dit_cfg) -> tuple[MoEOptions, float, int]:
+    """``(moe options, shift, steps)`` published for the A14B model whose experts have
+    ``dit_cfg`` (T2V: ``model_type`` "t2v", I2V: "i2v_noclip"); ValueError for other models."""
+    kind = {"t2v": "t2v", "i2v_noclip": "i2v"}.get(dit_cfg.model_type)
+    if kind is None or dit_cfg.out_dim != 16:
+        raise ValueError(f"{dit_cfg.variant} is not a Wan 2.2 A14B expert (T2V or I2V): two experts switched by "
+                         "noise level exist only for T2V-A14B and I2V-A14B.")
+    return A14B_DEFAULTS[kind]
+
+
+def moe_for(dit_cfg, boundary: float | None = None, cfg_high: float | None = None,
+            cfg_low: float | None = None) -> MoEOptions:
+    """The MoE settings of an A14B pair of ``dit_cfg``: the published ones
+    (:func:`a14b_defaults`), each value given (not None) replacing its own."""
+    base = a14b_defaults(dit_cfg)[0]
+    return MoEOptions(boundary=base.boundary if boundary is None else float(boundary),
+                      cfg_low=base.cfg_low if cfg_low is None else float(cfg_low),
+                      cfg_high=base.cfg_high if cfg_high is None else float(cfg_high))
 
 
 def check_experts(high, low) -> None:
@@ -231,6 +255,56 @@ class StagedRunner:
         return self._inner(*args, **kwargs)
 
 
+def check_pair_options(*options) -> None:
+    """Refuse run options an A14B pair cannot honour: a step cache (no published Wan 2.2
+    tables; a T2V-A14B expert has the T2V-14B shape, so only the pair tells)."""
+    if any(o is not None and o.step_cache is not None for o in options):
+        raise ValueError(WAN22_NO_TABLE.format(what="A Wan 2.2 A14B expert pair"))
+
+
+def check_pair_loras(low_plan) -> None:
+    """Check the low-noise expert's LoRA files (``low_plan.options.loras``) against it before
+    the first step, as :func:`wan_core.lora.apply_loras` checks them: they are applied only at
+    the switch, so a bad file must fail the run before anything ran or changed (all or
+    nothing over the pair). The high-noise expert's are applied (and checked) when its stage
+    is entered, before the first step. Raises :class:`wan_core.lora.LoraError`."""
+    _check_lora_files(low_plan.dit, getattr(getattr(low_plan, "options", None), "loras", ()))
+
+
+def _check_lora_files(dit, specs: Sequence[LoraSpec], strict: bool = False) -> None:
+    if specs:
+        found = Plan()
+        try:
+            check_loras(dit, list(specs), strict, found)
+        finally:
+            for tf in found.files:
+                tf.close()
+
+
+def apply_expert_loras(pair: ExpertPair, high: Sequence[LoraSpec], low: Sequence[LoraSpec], mode: str = "unmerged",
+                       strict: bool = False, **options) -> tuple[LoraReport, LoraReport]:
+    """:func:`wan_core.lora.apply_loras` on both experts of an A14B pair (LoRAs such as the
+    distill ones are published per expert: ``high`` for the high-noise expert, ``low`` for the
+    low-noise one) -> their two reports, all or nothing over the pair: every file of both
+    experts is checked before either changes; with ``"unmerged"``, a failure on the
+    low-noise expert removes the high-noise expert's hooks again. ``"merge"`` cannot be undone
+    once done: a failure after the high-noise expert was merged (out of memory) raises a
+    :class:`~wan_core.lora.LoraError` saying to reload it. ``options`` as for ``apply_loras``."""
+    _check_lora_files(pair.high, high, strict)
+    _check_lora_files(pair.low, low, strict)
+    first = apply_loras(pair.high, high, mode, strict, **options)
+    try:
+        return first, apply_loras(pair.low, low, mode, strict, **options)
+    except BaseException as exc:
+        if mode != "merge":
+            first.remove()
+            raise
+        if not first.matched:
+            raise
+        raise LoraError("the low-noise expert's LoRAs failed after the high-noise expert's were merged: the "
+                        "high-noise expert is changed; reload it before retrying.") from exc
+
+
 @contextlib.contextmanager
 def expert_stages(high_plan, low_plan,
                   options: MoEOptions = MOE_T2V_A14B) -> Iterator[tuple[StagedRunner, MoESampling]]:
@@ -247,6 +321,8 @@ def expert_stages(high_plan, low_plan,
                 expert_stages(hp, lp, MOE_T2V_A14B) as (runner, moe):
             latents = sample(high, text, settings, shape=shape, runner=runner, moe=moe)
     """
+    check_pair_options(getattr(high_plan, "options", None), getattr(low_plan, "options", None))
+    check_pair_loras(low_plan)
     high, low = StagedRunner(high_plan), StagedRunner(low_plan)
     by_dit = {id(high.dit): high, id(low.dit): low}
 

@@ -25,6 +25,8 @@ from .context_windows import ContextOptions, branch_evaluator, freenoise, latent
 from .errors import NonFiniteError, all_finite, describe_nonfinite_weights
 from .extend import check_overlap, join_videos, noise_known_frames, pin_known_frames
 from .fp8 import is_fp8
+from .fun import (FUN_DEFAULTS, FunControlEmbeds, check_fun_control, clip_features, encode_fun_control,
+                  encode_fun_inpaint, fit_image_embeds, fun_model_call)
 from .guidance import GuidanceOptions, guide
 from .limits import (MAX_FRAMES, MAX_SIZE, check_cfg, check_denoise, check_run_arguments, check_sampler, check_seed,
                      check_shift, check_steps)
@@ -125,7 +127,7 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
            interrupt: Callable[[], None] | None = None, runner: DiTRunner | None = None,
            guidance: GuidanceOptions | None = None, context: ContextOptions | None = None,
            known_latents: Tensor | None = None, cfg_parallel=None, vace: VaceEmbeds | None = None,
-           moe: MoESampling | None = None) -> Tensor:
+           moe: MoESampling | None = None, fun: FunControlEmbeds | None = None) -> Tensor:
     """Sample normalised latents ``[16, T', H/8, W/8]`` float32 on the CPU.
 
     shape: latent shape for T2V (``latent_shape(w, h, frames)``); taken from ``image`` for
@@ -145,11 +147,15 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
     strength and step range); the shape follows it and its reference frames are cut from the
     returned latents. moe: a Wan 2.2 A14B run (:class:`~wan_core.moe.MoESampling`): ``dit`` is
     the high-noise expert, ``moe.low_noise`` the low-noise one; each step runs the expert and
-    guidance scale of its timestep (``settings.cfg`` is not used).
+    guidance scale of its timestep (``settings.cfg`` is not used). fun: a Fun Control model's
+    conditioning (:class:`~wan_core.fun.FunControlEmbeds`); the shape follows it.
     """
     cfg = dit.cfg
     if vace is not None:
         shape = check_vace(cfg, vace, shape, image, init_latents)
+    if fun is not None or getattr(cfg, "fun", ""):
+        shape = check_fun_control(cfg, fun, shape, image, init_latents)
+    image = fit_image_embeds(cfg, image)   # Fun InP / I2V with an end frame: the start image's CLIP tokens
     shape = check_conditioning(cfg, image, shape=shape,
                                init_shape=None if init_latents is None else tuple(init_latents.shape))
     if shape is None:
@@ -169,6 +175,10 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
     noise = make_noise(settings.seed, shape)
     guidance = guidance if guidance is not None else GuidanceOptions()
     windowed = context is not None and context.active(shape[1])
+    if windowed and getattr(runner, "pins_first_frame", False):
+        raise ValueError("context windows cannot run TI2V-5B image-to-video: its first latent frame is pinned "
+                         "with per-token timesteps, which a window away from frame 0 would get wrong. Lower the "
+                         "frame count to one window, or use text-to-video (no image) with context windows.")
     if windowed and context.freenoise:
         noise = freenoise(noise, context.latent_length, context.latent_overlap, settings.seed)
     for line in (context.describe(shape[1]) if windowed else "", guidance.describe(),
@@ -191,11 +201,14 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
         clip = image.clip_fea.to(device)[None] if image.clip_fea is not None else None   # None: I2V-A14B
     if vace is not None:   # the VACE context rides as y: context windows slice it with the latents
         y = vace.latents.to(device)[None]
+    call = runner if vace is None else vace_model_call(runner, vace)
+    if fun is not None:    # control + start latents ride as y; the V1.1 reference goes in per call
+        y, clip = fun.y.to(device)[None], clip_features(cfg, fun).to(device)[None]
+        call = fun_model_call(call, fun)
     total = schedule.steps
     step = {"i": 0}
     runner.begin_run(total)
-    evaluate = branch_evaluator(runner if vace is None else vace_model_call(runner, vace), clip, y, shape[1],
-                                guidance, context, interrupt)
+    evaluate = branch_evaluator(call, clip, y, shape[1], guidance, context, interrupt)
 
     def check(guided: Tensor, cond: Tensor, uncond: Tensor | None, scale: float) -> Tensor:
         # one pass over the guided prediction (what the solver uses); the branches are looked
@@ -243,6 +256,15 @@ def sample(dit, text: TextEmbeds, settings: SamplerSettings, *, shape: tuple[int
                              f"(cfg {settings.cfg:g}, shift {settings.shift:g} too extreme); use the official "
                              "settings.")
     return out[0].float().cpu() if vace is None else vace.trim(out[0].float().cpu())
+
+
+def _check_fun_arguments(cfg, control_mask, reference_images: Sequence[Tensor]) -> None:
+    """Refuse, before any model loads, what a Fun Control model cannot take."""
+    if control_mask is not None:
+        raise ValueError(f"{cfg.variant} (Fun Control) takes no control_mask; masks are a VACE input.")
+    if len(reference_images) > (1 if cfg.ref_in_dim else 0):
+        takes = "one reference image" if cfg.ref_in_dim else "no reference image (a Fun V1.1 Control model takes one)"
+        raise ValueError(f"{cfg.variant} takes {takes}; got {len(reference_images)}.")
 
 
 def _check_latent_shape(shape: tuple[int, ...]) -> None:
@@ -366,6 +388,9 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
     (``[h, w, 3]`` each), ``vace_strength`` (official 1.0); see :mod:`wan_core.vace_conditioning`.
     Without a control video the size is as for T2V; with one and no width/height, it is the video's.
     A VACE model given none of them runs the official no-control context (grey video, full mask).
+    Fun Control (a Wan2.1-Fun[-V1.1] Control model, :mod:`wan_core.fun`): ``control_video`` as for
+    VACE, ``image`` the optional start frame, ``reference_images`` at most one (V1.1 models); CLIP
+    vision only with an image; defaults 50 steps, cfg 6. Fun InP: an I2V model, ``end_image`` allowed.
 
     ``parallel``: this process's :class:`~wan_core.distributed.ParallelGroups` when several
     processes share the sampling (every rank calls ``generate`` with the same arguments and
@@ -402,9 +427,12 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
     if video is not None:
         frames, height, width = video.shape[0], video.shape[1], video.shape[2]
     vace_inputs = control_video is not None or control_mask is not None or len(reference_images) > 0
-    if vace_inputs and not dit_cfg.vace_layers:
-        raise ValueError(f"control_video / control_mask / reference_images need a VACE model; {dit_cfg.variant} "
-                         "is not one (load Wan2.1-VACE-1.3B or -14B).")
+    fun_control = getattr(dit_cfg, "fun", "") == "control"
+    if fun_control:
+        _check_fun_arguments(dit_cfg, control_mask, reference_images)
+    elif vace_inputs and not dit_cfg.vace_layers:
+        raise ValueError(f"control_video / control_mask / reference_images need a VACE model (or a Fun Control model "
+                         f"for control_video); {dit_cfg.variant} is neither (load Wan2.1-VACE or Wan2.1-Fun Control).")
     if control_video is not None and width is None and height is None:   # VACE: the control video's size
         frames, height, width = control_video.shape[0], control_video.shape[1], control_video.shape[2]
     if img is not None and (width is None or height is None):
@@ -412,15 +440,20 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
     width = 832 if width is None else width
     height = 480 if height is None else height
     check_video_size(width, height, frames)
+    if fun_control:   # VideoX-Fun's examples: 50 steps, guidance 6 (shift as I2V: 3 at 480p with UniPC)
+        steps, cfg = FUN_DEFAULTS["steps"] if steps is None else steps, FUN_DEFAULTS["cfg"] if cfg is None else cfg
     settings = default_settings(kind, width, height, steps=steps, cfg=cfg, shift=shift, sampler=sampler,
                                 seed=seed, denoise=denoise)
 
     default_neg = {"t2v": NEGATIVE_PROMPT, "i2v": NEGATIVE_PROMPT_I2V, "flf2v": NEGATIVE_PROMPT_FLF2V}[kind]
+    default_neg = NEGATIVE_PROMPT if fun_control else default_neg   # VideoX-Fun's own negative prompt
     prompts = [prompt, negative_prompt or default_neg]
     # guidance / context: as in sample(); with context windows the DiT's memory plan is one window's
     plan_frames = frames if context is None or not context.active(latent_frames(frames)) else context.context_frames
-    if img is not None and clip_vision is None:
-        raise ValueError("image-to-video needs clip_vision (CLIP ViT-H/14).")
+    needs_clip = img is not None or (fun_control and len(reference_images) > 0)
+    if needs_clip and clip_vision is None:
+        raise ValueError("image-to-video (and Fun Control with a start or reference image) needs clip_vision "
+                         "(CLIP ViT-H/14).")
 
     def encode_prompts(stage) -> TextEmbeds:
         def encode(missing: list[str]) -> list[Tensor]:
@@ -441,7 +474,8 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
         # refused before any model runs (from the header, as the CLI does).
         from .cli_checks import check_plan   # the header-only budget check the CLI makes before loading
 
-        check_plan(dit_det, options, width, height, plan_frames, options.attention, str(torch.device(device)))
+        check_plan(dit_det, options, width, height, plan_frames, options.attention, str(torch.device(device)),
+                   parallel=None if parallel is None else parallel.config)
         text = encode_prompts(lambda te: text_encoder_stage(te, options, device))
         dit = _load_dit(dit, options, offload)
     # the VAE and CLIP are loaded (resting on the CPU) before the plan, so it sizes their stages
@@ -449,15 +483,24 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
     vae = _load("vae", vae, offload)
     if hasattr(vae, "config"):   # a Wan 2.1 DiT with the Wan 2.2 VAE (or the reverse): refused before any run
         check_vae_for_dit(dit_cfg, vae)
-    clip = _load("clip", clip_vision, offload) if img is not None else None
-    encodes = img is not None or video is not None or extend is not None or bool(dit_cfg.vace_layers)
+    clip = _load("clip", clip_vision, offload) if needs_clip else None
+    encodes = img is not None or video is not None or extend is not None or bool(dit_cfg.vace_layers) or fun_control
     job = Job(width, height, frames, settings.steps, encode_video=encodes)   # what is encoded and decoded
     with prepare_run(dit, dataclasses.replace(job, frames=plan_frames), options, device, offload, vae=vae,
-                     clip_vision=clip) as plan:
+                     clip_vision=clip, parallel=parallel) as plan:
         if text is None:
             text = encode_prompts(plan.text_encoder)
-        image_embeds = init = None
-        if img is not None:
+        image_embeds = init = fun_embeds = None
+        if fun_control:
+            with plan.image_encode(vae, clip, what="VAE + CLIP vision (Fun Control)", job=job) as tiles:
+                fun_embeds = encode_fun_control(vae, width, height, frames, control_video=control_video,
+                                                start_image=image, clip_vision=clip, vae_tile=tiles.tile,
+                                                reference_image=reference_images[0] if reference_images else None)
+        elif img is not None and end_image is not None and kind == "i2v":   # Fun InP: CLIP of the start only
+            with plan.image_encode(vae, clip, job=job) as tiles:
+                image_embeds = encode_fun_inpaint(vae, width, height, frames, image=image, end_image=end_image,
+                                                  clip_vision=clip, vae_tile=tiles.tile)
+        elif img is not None:
             end = image_to_tensor(end_image) if end_image is not None else None
             with plan.image_encode(vae, clip, job=job) as tiles:
                 image_embeds = encode_image_conditioning(vae, clip, img, frames, width, height, end,
@@ -482,7 +525,7 @@ def generate(*, dit, vae, text_encoder, clip_vision=None, prompt: str, negative_
                 runner = parallel.wrap_runner(runner)
             latents = sample(dit, text, settings, shape=latent_shape(width, height, frames), image=image_embeds,
                              init_latents=init, callback=callback, interrupt=interrupt, runner=runner,
-                             guidance=guidance, context=context, known_latents=known, vace=vace_embeds,
+                             guidance=guidance, context=context, known_latents=known, vace=vace_embeds, fun=fun_embeds,
                              cfg_parallel=None if parallel is None else parallel.cfg_parallel())
         with plan.decode(vae, job) as tiling:
             decoded = decode_tiled(vae, latents[None], output_device="cpu", **tiling.kwargs())

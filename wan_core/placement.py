@@ -10,6 +10,7 @@ the decisions, stage by stage.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .configs import VAE_SPACE_STRIDE
+from .distributed import ParallelConfig, is_sharded
+from .fun import reference_tokens
+from .parallel_plan import RankPlan, block_shards, plan_rank
 from .run_options import STAGES, Job, RunOptions
 
 __all__ = ["SamplingPlacement", "StagePlacement", "DecodeTiling", "EncodeTiling", "plan_sampling",
@@ -37,7 +40,9 @@ class SamplingPlacement:
     resident_blocks: K blocks kept on ``device`` (the rest streamed from ``offload_device``
     by :class:`wan_core.offload.BlockSwap`); None = in place (every weight gets a copy on
     ``device`` for the stage, or is used where it is). memory: the planner's decision when
-    a budget chose K.
+    a budget chose K. Several processes (``parallel``): ``sharded`` = the blocks are FSDP2-sharded
+    over the sequence group (:func:`wan_core.distributed.shard_blocks`, no block swap), and
+    ``rank`` the per-rank plan (:class:`wan_core.parallel_plan.RankPlan`) when a budget chose.
     """
 
     device: torch.device
@@ -46,8 +51,18 @@ class SamplingPlacement:
     resident_blocks: int | None
     reason: str
     memory: object | None = None     # wan_core.planner.MemoryPlan
+    sharded: bool = False
+    rank: RankPlan | None = None
+    # the runner's text K/V cache (wan_core.runner.ContextKVCache): None = the runner's default (on
+    # for the CPU); on a GPU the plan's decision (on only when the memory plan fits it), said by the note
+    context_cache: bool | None = None
+    context_cache_note: str = ""
 
     def describe(self) -> str:
+        if self.rank is not None:
+            return f"{self.rank.describe()} ({self.reason})"
+        if self.sharded:
+            return f"DiT blocks sharded over the sequence group (FSDP2) on {self.device} ({self.reason})"
         if self.resident_blocks is None:
             where = f"DiT in place on {self.device}"
         elif self.resident_blocks >= self.num_blocks:
@@ -55,7 +70,7 @@ class SamplingPlacement:
         else:
             where = (f"{self.resident_blocks}/{self.num_blocks} DiT blocks resident on {self.device}, "
                      f"{self.num_blocks - self.resident_blocks} streamed from {self.offload_device}")
-        return f"{where} ({self.reason})"
+        return f"{where} ({self.reason})" + (f"; {self.context_cache_note}" if self.context_cache_note else "")
 
 
 @dataclass(frozen=True)
@@ -125,23 +140,33 @@ def _budget(options: RunOptions, device: torch.device, free_bytes: int | None) -
     return free_bytes, "free VRAM"
 
 
+def _per_token(cfg, job: Job) -> bool:
+    """The DiT runs with one timestep per token: TI2V image-to-video."""
+    return cfg.model_type == "ti2v" and (job.per_token_timesteps or job.encode_video)
+
+
 def _rests_on(module: nn.Module, device: torch.device) -> bool:
     p = next(module.parameters(), None)
     return p is not None and p.device.type == device.type and device.index in (None, p.device.index)
 
 
-def _compute_bytes(dit) -> int:
-    """Bytes per element of the dtype the DiT's Linears compute in on a GPU."""
+def _compute_dtype(dit) -> torch.dtype:
+    """The dtype the DiT's Linears compute in on a GPU."""
     cd = dit.compute_dtype
     if cd is None:
         w = dit.text_embedding[0].weight
         cd = w.dtype if w.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
-    return torch.empty((), dtype=cd).element_size()
+    return cd
+
+
+def _compute_bytes(dit) -> int:
+    """Bytes per element of the dtype the DiT's Linears compute in on a GPU."""
+    return torch.empty((), dtype=_compute_dtype(dit)).element_size()
 
 
 def plan_sampling(dit, job: Job, options: RunOptions, device: torch.device | str,
                   offload_device: torch.device | str = "cpu", free_bytes: int | None = None, *,
-                  vae=None, clip_vision=None) -> SamplingPlacement:
+                  vae=None, clip_vision=None, parallel: ParallelConfig | None = None) -> SamplingPlacement:
     """Block swap or in place for sampling ``dit`` on ``job``.
 
     A GPU compute device with the model resting elsewhere gets block swap with K from
@@ -152,17 +177,29 @@ def plan_sampling(dit, job: Job, options: RunOptions, device: torch.device | str
     for them is refused here too. The CPU runs in place, except that an explicit ``resident_blocks`` there
     runs the same swap bookkeeping (same numbers). Raises :class:`wan_core.PlanError` when the
     user's budget cannot run the job; when only the free VRAM falls short of the (high-side)
-    estimate, every block is streamed (K = 0) with a warning.
+    estimate, every block is streamed (K = 0) with a warning. ``parallel``: this process is a
+    rank of a sequence-parallel layout: the plan is the rank's (:func:`_plan_rank_sampling`).
     """
-    from .planner import PlanError, dit_sizes_from_module, plan_memory
+    from .planner import PlanError, dit_sizes_from_module, plan_memory, vae_figures
+    from .runner import context_kv_bytes
 
     device, offload = torch.device(device), torch.device(offload_device)
     n = len(dit.blocks)
     k = options.resident_blocks
 
     def placed(resident, reason, memory=None) -> SamplingPlacement:
-        return SamplingPlacement(device, offload, n, resident, reason, memory)
+        cache, note = None, ""
+        if device.type == "cuda":   # the text K/V cache costs VRAM: on only where the memory plan counted it
+            cache = memory is not None and memory.context_cache
+            note = memory.describe_context_cache() if memory is not None else "text K/V cache off (not planned)"
+        return SamplingPlacement(device, offload, n, resident, reason, memory, context_cache=cache,
+                                 context_cache_note=note)
 
+    if parallel is not None and parallel.shard_weights == "on" and parallel.sequence_degree == 1:
+        raise ValueError("sharded weights are split over the ranks of a sequence group: use --ulysses/--ring with "
+                         "--shard-weights on (--cfg-parallel alone keeps a whole DiT per rank)")
+    if parallel is not None and parallel.sequence_degree > 1:
+        return _plan_rank_sampling(dit, job, options, device, offload, free_bytes, parallel)
     if device.type != "cuda":
         if k is None:
             return placed(None, "no GPU")
@@ -177,10 +214,15 @@ def plan_sampling(dit, job: Job, options: RunOptions, device: torch.device | str
     compute = _compute_bytes(dit)
     vae_bytes = _weight_bytes(vae)
     try:
-        plan = plan_memory(budget, dit_sizes_from_module(dit, compute), job.tokens(dit.cfg.patch_size),
+        tokens = job.tokens(dit.cfg.patch_size) + reference_tokens(dit.cfg, job.latent_shape[-2:])   # + Fun V1.1 ref
+        plan = plan_memory(budget, dit_sizes_from_module(dit, compute), tokens,
                            attention=dit.attention_backend, compute_bytes=compute, vae_bytes=vae_bytes,
                            latent_hw=tuple(job.latent_shape[-2:]) if vae_bytes else None,
-                           clip_vision_bytes=_weight_bytes(clip_vision), encode_video=job.encode_video)
+                           clip_vision_bytes=_weight_bytes(clip_vision), encode_video=job.encode_video,
+                           vae=vae_figures(vae, job.space_stride),
+                           per_token_timesteps=_per_token(dit.cfg, job),
+                           encode_frames=1 if dit.cfg.model_type == "ti2v" else None,
+                           context_cache_bytes=context_kv_bytes(dit.cfg, 1, _compute_dtype(dit)))
     except PlanError as err:
         if options.vram_budget is not None:
             raise   # the user's own budget: say it cannot work
@@ -189,6 +231,50 @@ def plan_sampling(dit, job: Job, options: RunOptions, device: torch.device | str
     reason = (f"{what} {budget / GiB:.2f} GiB; planned peak {plan.dit_peak_bytes / GiB:.2f} GiB for "
               f"{plan.tokens} tokens, {plan.attention}")
     return placed(plan.resident_blocks, reason, plan)
+
+
+def _plan_rank_sampling(dit, job: Job, options: RunOptions, device: torch.device, offload: torch.device,
+                        free_bytes: int | None, parallel: ParallelConfig) -> SamplingPlacement:
+    """:func:`plan_sampling` for one rank of a sequence-parallel layout: the weights whole, FSDP2-
+    sharded or block-swapped by :func:`wan_core.parallel_plan.plan_rank` on the rank's budget
+    (its token chunk, Ulysses / Ring buffers, one CFG branch a rank). Without a budget (the
+    CPU, no budget known) the DiT runs as in one process, sharded only when asked ("on")."""
+    from .planner import PlanError, dit_sizes_from_module
+
+    n, k = len(dit.blocks), options.resident_blocks
+    shard_on = parallel.shard_weights == "on"
+    if shard_on and k is not None:
+        raise ValueError("resident_blocks (block swap) and sharded weights cannot be combined: block swap moves "
+                         "whole blocks; drop one of them")
+
+    def placed(resident, reason, rank=None, sharded=False) -> SamplingPlacement:
+        return SamplingPlacement(device, offload, n, resident, reason, sharded=sharded, rank=rank)
+
+    if is_sharded(dit):
+        return placed(None, "the blocks are already sharded", sharded=True)
+    if device.type != "cuda" or offload.type == "cuda" or _rests_on(dit, device):
+        if shard_on:
+            return placed(None, "asked for", sharded=True)
+        if device.type != "cuda":
+            return placed(None if k is None else min(k, n), "no GPU" if k is None else "explicit resident_blocks")
+        return placed(None, "the weights rest on the GPU")
+    budget, what = _budget(options, device, free_bytes)
+    if budget is None:
+        return placed(None, "asked for", sharded=True) if shard_on else placed(k if k is not None else n,
+                                                                               "no budget known")
+    compute = _compute_bytes(dit)
+    tokens = job.tokens(dit.cfg.patch_size) + reference_tokens(dit.cfg, job.latent_shape[-2:])
+    try:
+        rank = plan_rank(budget, dit_sizes_from_module(dit, compute), tokens, parallel, block_shards(dit),
+                         attention=dit.attention_backend, compute_bytes=compute, resident_blocks=k,
+                         per_token_timesteps=_per_token(dit.cfg, job))
+    except PlanError as err:
+        if options.vram_budget is not None:
+            raise   # the user's own budget: say it cannot work
+        log.warning("wan_core: %s Trying with every block streamed.", err)
+        return placed(0, f"the free VRAM {budget / GiB:.2f} GiB is below the estimate")
+    resident = None if rank.weights == "sharded" else rank.resident_blocks
+    return placed(resident, f"{what} {budget / GiB:.2f} GiB a rank", rank, rank.weights == "sharded")
 
 
 def place_text_encoder(text_encoder, options: RunOptions, device: torch.device | str,
@@ -231,10 +317,13 @@ def _weight_bytes(model) -> int:
     return module_bytes(getattr(model, "model", model))
 
 
-def _latent_tthw(job) -> tuple[int, int, int]:
-    """(latent frames, latent height, latent width) of a :class:`Job` or of a latent shape
-    ``(..., T', h, w)`` (taken as it is: a decode accepts any latent)."""
+def _latent_tthw(job, space_stride: int | None = None) -> tuple[int, int, int]:
+    """(latent frames, latent height, latent width) of a :class:`Job` (with the VAE's
+    ``space_stride`` when given: the VAE decides) or of a latent shape ``(..., T', h, w)``
+    (taken as it is: a decode accepts any latent)."""
     if isinstance(job, Job):
+        if space_stride is not None and space_stride != job.space_stride:
+            job = dataclasses.replace(job, space_stride=space_stride)
         _c, t, h, w = job.latent_shape
         return t, h, w
     t, h, w = (int(v) for v in job[-3:])
@@ -244,31 +333,32 @@ def _latent_tthw(job) -> tuple[int, int, int]:
 def _vae_stage(stage: str, vae, job, options: RunOptions, device: torch.device, free_bytes: int | None,
                clip_vision=None) -> tuple[str | int | None, int | None, str]:
     """(tile, budget for "auto", reason) of a VAE stage ("decode" or "encode")."""
-    from .planner import DEFAULT_RESERVE, PlanError, plan_vae
+    from .planner import DEFAULT_RESERVE, PlanError, plan_vae, vae_figures
 
+    figures = vae_figures(vae, job.space_stride if isinstance(job, Job) else None)
     tile = options.vae_tile
     if tile == "off":
         return None, None, "tiling off"
     if isinstance(tile, int):
-        return max(1, tile // VAE_SPACE_STRIDE), None, f"asked for {tile} px"
+        return max(1, tile // figures.space_stride), None, f"asked for {tile} px"
     budget, what = _budget(options, device, free_bytes)
     if budget is None or device.type != "cuda":   # on the CPU nothing is budgeted
         return "auto", None, "no GPU"
     if job is None:
         raise ValueError(f"the VAE {stage} plan on {device} needs the job (a Job or the latent shape)")
-    t, h, w = _latent_tthw(job)
+    t, h, w = _latent_tthw(job, figures.space_stride)
     encode = stage == "encode"
     weights = _weight_bytes(vae)
     vae_plan = plan_vae(budget, weights, (h, w), t, clip_vision_bytes=_weight_bytes(clip_vision) if encode else 0,
-                        encode_video=encode)
+                        encode_video=encode, figures=figures)
     chosen, peak = ((vae_plan.encode_tile, vae_plan.encode_peak) if encode
                     else (vae_plan.decode_tile, vae_plan.decode_peak))
     reason = (f"{what} {budget / GiB:.2f} GiB - reserve {DEFAULT_RESERVE / GiB:.2f} GiB; planned peak "
               f"{peak / GiB:.2f} GiB with {weights / GiB:.2f} GiB weights")
     minimum = vae_plan.minimum + DEFAULT_RESERVE
     if budget < minimum:
-        message = (f"a budget of {budget / GiB:.2f} GiB cannot run the VAE {stage} of a {w * VAE_SPACE_STRIDE}x"
-                   f"{h * VAE_SPACE_STRIDE} frame: the minimum is {minimum / GiB:.2f} GiB with the smallest tile.")
+        message = (f"a budget of {budget / GiB:.2f} GiB cannot run the VAE {stage} of a {w * figures.space_stride}x"
+                   f"{h * figures.space_stride} frame: the minimum is {minimum / GiB:.2f} GiB with the smallest tile.")
         if options.vram_budget is not None:
             raise PlanError(message + " Lower the resolution or free GPU memory.")
         log.warning("wan_core: %s Trying the smallest tile.", message)
@@ -310,7 +400,7 @@ def plan_decode(vae, options: RunOptions, device: torch.device | str, free_bytes
 def stage_bytes(stage: str, models, options: RunOptions | None = None, job: Job | Sequence[int] | None = None) -> int:
     """Device bytes ``stage`` (one of :data:`STAGES`) uses with everything it may place on the
     device there (untiled VAE, every DiT block resident unless ``options.resident_blocks``
-    says fewer), the planner's reserve included, at most ``options.vram_budget``: what a host
+    says fewer, the text K/V cache), the planner's reserve included, at most ``options.vram_budget``: what a host
     should make room for before the stage. The stage then plans against the free VRAM it
     finds, so less room means more streaming or tiling, not a failure. 0 when the options
     keep the stage off the device.
@@ -320,8 +410,9 @@ def stage_bytes(stage: str, models, options: RunOptions | None = None, job: Job 
     size the frame (without it: weights + reserve).
     """
     from .planner import (DEFAULT_RESERVE, TEXT_ENCODER_WORKSPACE, dit_activation_bytes, dit_sizes_from_module,
-                          plan_vae, vae_decode_bytes)
-    from .vae import WanVAE
+                          plan_vae, vae_decode_bytes, vae_figures)
+    from .runner import context_kv_bytes
+    from .vae import CausalVAE
 
     options = options or RunOptions()
     if stage == "text encoder":
@@ -337,22 +428,27 @@ def stage_bytes(stage: str, models, options: RunOptions | None = None, job: Job 
         blocks, k = sizes.block_bytes, options.resident_blocks
         k = len(blocks) if k is None else min(k, len(blocks))
         streamed = sum(sorted(blocks[k:], reverse=True)[:2])   # the block swap keeps two in flight
+        if job.space_stride != (16 if models.cfg.out_dim == 48 else 8):   # the DiT's latents say which VAE
+            job = dataclasses.replace(job, space_stride=16 if models.cfg.out_dim == 48 else 8)
         need = sizes.other_bytes + sum(blocks[:k]) + streamed + dit_activation_bytes(
-            sizes, job.tokens(models.cfg.patch_size), models.attention_backend, compute)
+            sizes, job.tokens(models.cfg.patch_size) + reference_tokens(models.cfg, job.latent_shape[-2:]),
+            models.attention_backend, compute,
+            per_token_timesteps=_per_token(models.cfg, job)) + context_kv_bytes(models.cfg, 1, _compute_dtype(models))
     elif stage in ("image encode", "decode"):
         modules = [m for m in (models if stage == "image encode" else [models]) if m is not None]
-        vae = next((m for m in modules if isinstance(m, WanVAE)), None)
+        vae = next((m for m in modules if isinstance(m, CausalVAE)), None)
         weights = sum(_weight_bytes(m) for m in modules)
         need = weights
         if job is not None and vae is not None:
-            t, h, w = _latent_tthw(job)
+            figures = vae_figures(vae)
+            t, h, w = _latent_tthw(job, figures.space_stride)
             clip = weights - _weight_bytes(vae)
             whole = plan_vae(1 << 62, _weight_bytes(vae), (h, w), t, clip_vision_bytes=clip,
-                             encode_video=stage == "image encode")
+                             encode_video=stage == "image encode", figures=figures)
             need = max(whole.encode_peak, whole.clip_stage) if stage == "image encode" else whole.decode_peak
             if stage == "decode" and isinstance(options.vae_tile, int):
-                side = max(1, options.vae_tile // VAE_SPACE_STRIDE)
-                need = vae_decode_bytes(weights, (min(h, side), min(w, side)))
+                side = max(1, options.vae_tile // figures.space_stride)
+                need = vae_decode_bytes(weights, (min(h, side), min(w, side)), figures)
     else:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}; got {stage!r}")
     need += DEFAULT_RESERVE

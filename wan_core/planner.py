@@ -53,6 +53,13 @@ feature cache, simulated: decode 1,169,920 B, encode 874,112 B (exactly linear i
 from 16x16 to 90x160); the planner adds 5 % for what the simulation does not see (cuDNN
 convolution workspaces). An untiled decode also holds the whole output video on the
 device (:meth:`wan_core.vae.WanVAE.decode`); a tiled one streams it to the CPU.
+
+The Wan 2.2 VAE (TI2V-5B, :mod:`wan_core.vae22`: 16x16 pixels per latent pixel, 48
+channels, decoder width 256, 2.82 GB of float32 weights) has its own figures
+(:data:`VAE22_FIGURES`), simulated the same way: decode 4,316,928 B, encode 1,643,904 B per
+latent pixel (4-frame chunk), and 459,776 B for a one-frame encode (the TI2V first frame);
+:class:`VaeFigures` carries a VAE's figures and geometry, :func:`vae_figures` picks them for
+a VAE module.
 """
 from __future__ import annotations
 
@@ -64,7 +71,7 @@ from .configs import LATENT_CHANNELS, VAE_SPACE_STRIDE, VAE_TIME_STRIDE
 __all__ = ["GiB", "DiTSizes", "MemoryPlan", "PlanError", "StagePeaks", "dit_sizes", "dit_sizes_from_module",
            "tokens_for", "dit_activation_bytes", "vae_decode_bytes", "vae_encode_bytes", "clip_vision_bytes_needed",
            "plan_memory", "plan_vae", "VaePlan", "free_vram_bytes", "module_param_bytes", "DEFAULT_RESERVE",
-           "VAE_TILES", "TEXT_ENCODER_WORKSPACE"]
+           "VAE_TILES", "TEXT_ENCODER_WORKSPACE", "VaeFigures", "VAE21_FIGURES", "VAE22_FIGURES", "vae_figures"]
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -82,12 +89,44 @@ TEXT_ENCODER_WORKSPACE = 2 * 64 * 512 * 512 * (2 * 2 + 8) + 8 * 2 * 512 * 4096 *
 # in float32 before the resize (3 H W 4 bytes, twice: input and normalised copy) + 16 MiB.
 CLIP_WORKSPACE_FIXED = 16 * MiB
 DIT_STEP_FIXED = 64 * MiB
+# Per-token timesteps (TI2V image-to-video): float32 e [L, d] + e0 [L, 6d] + the three modulation
+# vectors of a block's phase [L, 3d] (wan_core.dit.WanBlock adds them per phase)
+PER_TOKEN_TIME_BYTES = 4 * (1 + 6 + 3)
 _STORAGE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
                   "fp8": 1, "fp8_e4m3fn": 1, "fp8_e5m2": 1}
 
 
 class PlanError(ValueError):
     """The budget cannot run the job at all; the message names the minimum."""
+
+
+@dataclass(frozen=True)
+class VaeFigures:
+    """A VAE family's geometry and device bytes per latent pixel of the area run at once
+    (float32, the steady-state chunk with its feature cache; simulated + 5 %, module
+    docstring). ``encode_image``: a one-frame encode (None: as ``encode``)."""
+
+    name: str
+    space_stride: int             # pixels per latent pixel, each way
+    time_stride: int
+    latent_channels: int
+    decode: int                   # bytes per latent pixel
+    encode: int
+    encode_image: int | None = None
+
+
+VAE21_FIGURES = VaeFigures("Wan 2.1 VAE", VAE_SPACE_STRIDE, VAE_TIME_STRIDE, LATENT_CHANNELS,
+                           VAE_DECODE_BYTES_PER_LATENT_PIXEL, VAE_ENCODE_BYTES_PER_LATENT_PIXEL)
+# simulated 4,316,928 / 1,643,904 / 459,776 B per latent pixel (16x16 px), + 5 %
+VAE22_FIGURES = VaeFigures("Wan 2.2 VAE", 16, 4, 48, 4_533_000, 1_727_000, 483_000)
+
+
+def vae_figures(vae=None, space_stride: int | None = None) -> VaeFigures:
+    """The figures of ``vae`` (a module: the Wan 2.2 VAE has ``space_stride`` 16), else of a
+    VAE with ``space_stride`` (8 or 16), else the Wan 2.1 VAE's."""
+    stride = getattr(vae, "space_stride", None) if vae is not None and not isinstance(vae, int) else None
+    stride = stride or space_stride or VAE_SPACE_STRIDE
+    return VAE22_FIGURES if stride == VAE22_FIGURES.space_stride else VAE21_FIGURES
 
 
 @dataclass(frozen=True)
@@ -199,19 +238,26 @@ def module_param_bytes(module_cls, cfg, bytes_per_param: float) -> int:
     return int(sum(p.numel() for p in m.parameters()) * bytes_per_param)
 
 
-def tokens_for(width: int, height: int, frames: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
-    """DiT token count of a video: latent ``((frames-1)/4+1, H/8, W/8)`` over the patch.
-    832x480x81 -> 21 * 30 * 52 = 32760."""
+def tokens_for(width: int, height: int, frames: int, patch: tuple[int, int, int] = (1, 2, 2),
+               space_stride: int = VAE_SPACE_STRIDE) -> int:
+    """DiT token count of a video: latent ``((frames-1)/4+1, H/s, W/s)`` over the patch, s the
+    VAE's ``space_stride`` (8; 16 for the Wan 2.2 VAE). 832x480x81 -> 21 * 30 * 52 = 32760;
+    TI2V-5B 1280x704x121 (s 16) -> 31 * 22 * 40 = 27280."""
     t = (frames - 1) // VAE_TIME_STRIDE + 1
-    return (t // patch[0]) * (height // VAE_SPACE_STRIDE // patch[1]) * (width // VAE_SPACE_STRIDE // patch[2])
+    return (t // patch[0]) * (height // space_stride // patch[1]) * (width // space_stride // patch[2])
 
 
 def dit_activation_bytes(dit: DiTSizes, tokens: int, attention: str = "sdpa", compute_bytes: int = 2,
-                         context_tokens: int = 512 + 257) -> int:
-    """The module docstring's activation estimate, in bytes."""
+                         context_tokens: int = 512 + 257, per_token_timesteps: bool = False) -> int:
+    """The module docstring's activation estimate, in bytes. ``per_token_timesteps`` (Wan 2.2
+    TI2V image-to-video): the time embedding ``e`` ``[L, d]`` and projection ``e0`` ``[L, 6 d]``
+    live through the step and each block phase adds its three modulation vectors to ``e0``
+    (``[L, 3 d]``), all float32: ``PER_TOKEN_TIME_BYTES`` ``d`` more per token."""
     d, f, h, c, n = dit.dim, dit.ffn_dim, dit.num_heads, compute_bytes, tokens
     latent = 4 * dit.head_dim + 16 * (2 * dit.out_dim + dit.in_dim - dit.out_dim)
     per_token = max(20 * d + 2 * c * d, 12 * d + c * d + 2 * c * f) + 4 * h + latent
+    if per_token_timesteps:
+        per_token += PER_TOKEN_TIME_BYTES * d
     if dit.vace:   # VACE: the control stream c (float32) and one hint (compute dtype) live beside x
         per_token += 4 * d + c * d + 16 * 96
     attn = 0 if attention in BACKENDS else h * n * n * (c + 4)   # every backend but "math" is memory-efficient
@@ -219,16 +265,19 @@ def dit_activation_bytes(dit: DiTSizes, tokens: int, attention: str = "sdpa", co
     return n * per_token + attn + upcast + context_tokens * 4 * c * d + DIT_STEP_FIXED
 
 
-def vae_decode_bytes(vae_bytes: int, tile_hw: tuple[int, int]) -> int:
+def vae_decode_bytes(vae_bytes: int, tile_hw: tuple[int, int], figures: VaeFigures = VAE21_FIGURES) -> int:
     """Weights + device working set of a decode of ``(h, w)`` latent pixels at once (a tile,
-    or the whole frame), the float32 Wan 2.1 VAE; the output video is not included."""
-    return vae_bytes + VAE_DECODE_BYTES_PER_LATENT_PIXEL * tile_hw[0] * tile_hw[1]
+    or the whole frame), the float32 VAE of ``figures``; the output video is not included."""
+    return vae_bytes + figures.decode * tile_hw[0] * tile_hw[1]
 
 
-def vae_encode_bytes(vae_bytes: int, tile_hw: tuple[int, int]) -> int:
+def vae_encode_bytes(vae_bytes: int, tile_hw: tuple[int, int], figures: VaeFigures = VAE21_FIGURES,
+                     frames: int | None = None) -> int:
     """Weights + device working set of an encode of ``(h, w)`` latent pixels at once (4-frame
-    chunks of ``8h x 8w`` pixels with the feature cache), the float32 Wan 2.1 VAE."""
-    return vae_bytes + VAE_ENCODE_BYTES_PER_LATENT_PIXEL * tile_hw[0] * tile_hw[1]
+    chunks of ``s h x s w`` pixels with the feature cache; ``frames`` 1: one image), the
+    float32 VAE of ``figures``."""
+    per_pixel = figures.encode_image if frames == 1 and figures.encode_image else figures.encode
+    return vae_bytes + per_pixel * tile_hw[0] * tile_hw[1]
 
 
 def clip_vision_bytes_needed(clip_bytes: int, width: int, height: int) -> int:
@@ -276,6 +325,10 @@ class MemoryPlan:
     vae_peak_bytes: int           # VAE decode: weights + working set of one tile (+ output when untiled)
     vae_encode_tile: int | None = None   # I2V guide-video encode tile side, latent px; None = untiled
     stages: StagePeaks = StagePeaks()
+    # the run's text K/V cache (wan_core.runner.ContextKVCache, context_kv_bytes): asked-for bytes,
+    # and whether it is on (counted in the DiT peak) or off because it does not fit beside K blocks
+    context_cache_bytes: int = 0
+    context_cache: bool = False
 
     @property
     def device_weight_bytes(self) -> int:
@@ -285,7 +338,17 @@ class MemoryPlan:
 
     @property
     def dit_peak_bytes(self) -> int:
-        return self.device_weight_bytes + self.streaming_bytes + self.activation_bytes + self.reserve_bytes
+        cache = self.context_cache_bytes if self.context_cache else 0
+        return self.device_weight_bytes + self.streaming_bytes + self.activation_bytes + cache + self.reserve_bytes
+
+    def describe_context_cache(self) -> str:
+        """The text K/V cache decision in words ("" when none was asked for)."""
+        if not self.context_cache_bytes:
+            return ""
+        size = f"{self.context_cache_bytes / GiB:.2f} GiB"
+        if self.context_cache:
+            return f"text K/V cache on ({size})"
+        return f"text K/V cache off ({size} does not fit beside {self.resident_blocks} resident blocks)"
 
     def describe(self) -> str:
         g = GiB
@@ -296,7 +359,9 @@ class MemoryPlan:
         return (f"wan_core memory plan: budget {self.budget / g:.2f} GiB; DiT {swap} "
                 f"({self.block_bytes / g:.2f} GiB/block; weights on device {self.device_weight_bytes / g:.2f} GiB "
                 f"+ streaming {self.streaming_bytes / g:.2f} GiB; activations {self.activation_bytes / g:.2f} GiB "
-                f"for {self.tokens} tokens, {self.attention}; peak {self.dit_peak_bytes / g:.2f} GiB); "
+                f"for {self.tokens} tokens, {self.attention}"
+                f"{'; ' + self.describe_context_cache() if self.context_cache_bytes else ''}; "
+                f"peak {self.dit_peak_bytes / g:.2f} GiB); "
                 f"text encoder on {te} ({self.text_encoder_bytes / g:.2f} GiB); VAE {tile} "
                 f"(peak {self.vae_peak_bytes / g:.2f} GiB)")
 
@@ -337,27 +402,32 @@ class VaePlan:
 
 
 def plan_vae(budget: int, vae_bytes: int, latent_hw: tuple[int, int] | None, latent_frames: int, *,
-             clip_vision_bytes: int = 0, encode_video: bool = False, reserve: int = DEFAULT_RESERVE) -> VaePlan:
+             clip_vision_bytes: int = 0, encode_video: bool = False, reserve: int = DEFAULT_RESERVE,
+             figures: VaeFigures = VAE21_FIGURES, encode_frames: int | None = None) -> VaePlan:
     """The VAE tiles for ``budget`` bytes (``reserve`` kept free) of a ``latent_hw`` latent
     frame, ``latent_frames`` latent frames: untiled when the whole frame (and, for a decode,
     the output video an untiled decode keeps on the device) fits, else the largest tile of
     ``VAE_TILES`` that fits, else the smallest. :func:`plan_memory` uses it for its VAE
     figures; the run plan's image-encode and decode stages use it too, so the tiles of a
-    stage are the memory plan's. Never raises: compare ``minimum + reserve`` with the budget."""
+    stage are the memory plan's. ``figures``: the VAE's (:func:`vae_figures`; a one-frame
+    encode, ``latent_frames`` 1, uses its image figure; ``encode_frames``: the latent frames
+    encoded when not ``latent_frames``, 1 for the TI2V first frame). Never raises: compare ``minimum +
+    reserve`` with the budget."""
     if latent_hw is None:
         return VaePlan()
     h, w = latent_hw
     room = budget - reserve
-    s, frames = VAE_SPACE_STRIDE, (latent_frames - 1) * VAE_TIME_STRIDE + 1
+    s, frames = figures.space_stride, (latent_frames - 1) * figures.time_stride + 1
+    encoded = latent_frames if encode_frames is None else encode_frames
     out_video = 3 * frames * h * w * s * s * 4
     clip_stage = clip_vision_bytes_needed(clip_vision_bytes, w * s, h * s) + vae_bytes if encode_video else 0
 
     def decode_need(area: tuple[int, int], untiled: bool) -> int:
-        return vae_decode_bytes(vae_bytes, area) + (out_video if untiled else 0)
+        return vae_decode_bytes(vae_bytes, area, figures) + (out_video if untiled else 0)
 
     def encode_need(area: tuple[int, int], untiled: bool) -> int:
-        latents = 2 * LATENT_CHANNELS * latent_frames * area[0] * area[1] * 4
-        return vae_encode_bytes(vae_bytes, area) + clip_vision_bytes + latents
+        latents = 2 * figures.latent_channels * encoded * area[0] * area[1] * 4
+        return vae_encode_bytes(vae_bytes, area, figures, encoded) + clip_vision_bytes + latents
 
     if not vae_bytes:
         return VaePlan(clip_stage=clip_stage)
@@ -376,7 +446,9 @@ def plan_vae(budget: int, vae_bytes: int, latent_hw: tuple[int, int] | None, lat
 def plan_memory(budget: int, dit: DiTSizes, tokens: int, *, attention: str = "sdpa", compute_bytes: int = 2,
                 text_encoder_bytes: int = 0, vae_bytes: int = 0, latent_hw: tuple[int, int] | None = None,
                 reserve: int = DEFAULT_RESERVE, vae_overlap: int = 8, clip_vision_bytes: int = 0,
-                encode_video: bool = False) -> MemoryPlan:
+                encode_video: bool = False, vae: VaeFigures = VAE21_FIGURES,
+                per_token_timesteps: bool = False, encode_frames: int | None = None,
+                context_cache_bytes: int = 0) -> MemoryPlan:
     """Choose K resident blocks, text-encoder placement and VAE tiles for ``budget`` bytes.
 
     K is the largest count whose weights fit beside the non-block weights, two streamed
@@ -388,14 +460,20 @@ def plan_memory(budget: int, dit: DiTSizes, tokens: int, *, attention: str = "sd
     the device together, ``clip_vision_bytes`` of CLIP weights; V2V: the input video, no
     CLIP): the same choice for the encode tile (``vae_encode_tile``); see :func:`plan_vae`.
     ``vae_overlap`` is kept for callers; a tile includes
-    its overlap. ``plan.stages`` holds every stage's estimated peak (reserve excluded).
+    its overlap. ``vae``: the VAE's figures (:data:`VAE22_FIGURES` for TI2V-5B);
+    ``per_token_timesteps``: the DiT gets one timestep per token (TI2V image-to-video), see
+    :func:`dit_activation_bytes`; ``encode_frames``: see :func:`plan_vae`. ``plan.stages``
+    holds every stage's estimated peak (reserve excluded).
+    ``context_cache_bytes``: the run's text K/V cache (:func:`wan_core.runner.context_kv_bytes`);
+    it is on (``plan.context_cache``, counted in the DiT step) only when it fits beside the K
+    chosen without it: resident blocks save more time than the K/V of a 512-token text.
 
     Raises :class:`PlanError` naming the minimum budget when even K = 0 (or the smallest
     VAE tile) does not fit.
     """
     if budget <= 0:
         raise PlanError(f"memory budget must be positive, got {budget} bytes")
-    act = dit_activation_bytes(dit, tokens, attention, compute_bytes)
+    act = dit_activation_bytes(dit, tokens, attention, compute_bytes, per_token_timesteps=per_token_timesteps)
     blocks = dit.block_bytes
     n = len(blocks)
     room = budget - reserve
@@ -411,10 +489,10 @@ def plan_memory(budget: int, dit: DiTSizes, tokens: int, *, attention: str = "sd
     if latent_hw is not None:
         h, w = latent_hw
         latent_frames = max(1, tokens // max(1, (h // 2) * (w // 2)))
-    vae = plan_vae(budget, vae_bytes, latent_hw, latent_frames, clip_vision_bytes=clip_vision_bytes,
-                   encode_video=encode_video, reserve=reserve)
-    tile, encode_tile, clip_stage, min_vae = vae.decode_tile, vae.encode_tile, vae.clip_stage, vae.minimum
-    vae_peak, vae_encode_peak = vae.decode_peak, vae.encode_peak
+    vplan = plan_vae(budget, vae_bytes, latent_hw, latent_frames, clip_vision_bytes=clip_vision_bytes,
+                     encode_video=encode_video, reserve=reserve, figures=vae, encode_frames=encode_frames)
+    tile, encode_tile, clip_stage, min_vae = vplan.decode_tile, vplan.encode_tile, vplan.clip_stage, vplan.minimum
+    vae_peak, vae_encode_peak = vplan.decode_peak, vplan.encode_peak
 
     min_dit = dit_need(0) if n else other_at(0) + act
     minimum = max(min_dit, min_vae) + reserve
@@ -429,13 +507,15 @@ def plan_memory(budget: int, dit: DiTSizes, tokens: int, *, attention: str = "sd
     k = n if dit_need(n) <= room else max(i for i in range(n + 1) if dit_need(i) <= room)
     te_need = text_encoder_bytes + TEXT_ENCODER_WORKSPACE if text_encoder_bytes else 0
     te_on_cpu = te_need > room if text_encoder_bytes else False
-    stages = StagePeaks(text_encoder=0 if te_on_cpu else te_need, clip_vision=clip_stage,
-                        vae_encode=vae_encode_peak, dit_step=dit_need(k), vae_decode=vae_peak)
+    cache_on = 0 < context_cache_bytes <= room - dit_need(k)
+    stages = StagePeaks(text_encoder=0 if te_on_cpu else te_need, clip_vision=clip_stage, vae_encode=vae_encode_peak,
+                        dit_step=dit_need(k) + (context_cache_bytes if cache_on else 0), vae_decode=vae_peak)
     return MemoryPlan(budget=budget, resident_blocks=k, num_blocks=n, text_encoder_on_cpu=te_on_cpu,
                       vae_tile=tile, tokens=tokens, attention=attention, block_bytes=max(blocks, default=0),
                       other_bytes=other_at(k), streaming_bytes=_streaming(blocks, k) if k < n else 0,
                       activation_bytes=act, reserve_bytes=reserve, text_encoder_bytes=text_encoder_bytes,
-                      vae_peak_bytes=vae_peak, vae_encode_tile=encode_tile, stages=stages)
+                      vae_peak_bytes=vae_peak, vae_encode_tile=encode_tile, stages=stages,
+                      context_cache_bytes=context_cache_bytes, context_cache=cache_on)
 
 
 def free_vram_bytes(device="cuda") -> int | None:

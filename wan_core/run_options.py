@@ -19,6 +19,7 @@ STAGES: tuple[str, ...] = ("text encoder", "image encode", "sampling", "decode")
 WEIGHT_DTYPES: tuple[str, ...] = ("keep", "fp8_e4m3fn", "fp8_e5m2", "bf16", "fp16", "fp32")
 _TEXT_ENCODER_DEVICES = ("auto", "cpu", "gpu")
 _STEP_CACHES = ("teacache", "magcache")
+_LATENT_CHANNELS = {8: 16, 16: 48}   # VAE space stride -> latent channels (Wan 2.1 VAE, Wan 2.2 VAE)
 
 
 @dataclass(frozen=True)
@@ -111,28 +112,43 @@ class Job:
     """What a run makes: ``width`` x ``height`` pixels (multiples of 16), ``frames`` (4n+1), the
     number of sampling ``steps`` when known (for the log), and whether the run VAE-encodes a
     video of this size on the device (``encode_video``: the I2V / FLF2V guide video, the V2V
-    input video), so the plan sizes that stage too."""
+    input video, the TI2V first frame), so the plan sizes that stage too. ``space_stride``:
+    the VAE's pixels per latent pixel, 8 (Wan 2.1 VAE, 16 latent channels) or 16 (Wan 2.2
+    VAE of TI2V-5B, 48 channels); :func:`wan_core.run_plan.prepare_run` sets 16 for a
+    48-channel DiT. ``per_token_timesteps``: TI2V image-to-video (the first frame pinned,
+    :class:`wan_core.ti2v.FirstFrameRunner`), whose per-token time embeddings the plan counts
+    (also assumed for a TI2V job with ``encode_video``)."""
 
     width: int
     height: int
     frames: int
     steps: int | None = None
     encode_video: bool = False
+    space_stride: int = 8
+    per_token_timesteps: bool = False
+
+    def __post_init__(self) -> None:
+        if self.space_stride not in _LATENT_CHANNELS:
+            raise ValueError(f"Job.space_stride must be 8 (Wan 2.1 VAE) or 16 (Wan 2.2 VAE); got {self.space_stride!r}")
 
     @classmethod
     def from_latent_shape(cls, shape: Sequence[int], steps: int | None = None, encode_video: bool = False) -> Job:
-        """The job of normalised latents ``(16, T', H/8, W/8)``."""
-        from .conditioning import SPACE_STRIDE, TIME_STRIDE
+        """The job of normalised latents ``(16, T', H/8, W/8)``, or ``(48, T', H/16, W/16)``
+        (Wan 2.2 VAE: told by the 48 channels)."""
+        from .conditioning import TIME_STRIDE
 
         t, h, w = (int(v) for v in shape[-3:])
-        return cls(w * SPACE_STRIDE, h * SPACE_STRIDE, (t - 1) * TIME_STRIDE + 1, steps, encode_video)
+        stride = 16 if len(shape) >= 4 and int(shape[-4]) == _LATENT_CHANNELS[16] else 8
+        return cls(w * stride, h * stride, (t - 1) * TIME_STRIDE + 1, steps, encode_video, stride)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
-        """``(16, T', H/8, W/8)``."""
+        """``(16, T', H/8, W/8)`` (``(48, T', H/16, W/16)`` with ``space_stride`` 16)."""
         from .conditioning import latent_shape
 
-        return latent_shape(self.width, self.height, self.frames)
+        _c, t, h, w = latent_shape(self.width, self.height, self.frames)
+        s = self.space_stride // 8
+        return _LATENT_CHANNELS[self.space_stride], t, h // s, w // s
 
     def tokens(self, patch_size: Sequence[int] = (1, 2, 2)) -> int:
         """DiT tokens of one evaluation: the latent grid over the patch."""

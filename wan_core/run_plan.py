@@ -50,6 +50,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from .distributed import is_sharded, shard_blocks
 # the options and the decisions live in their own modules; their names stay importable from here
 from .placement import (DecodeTiling, EncodeTiling, SamplingPlacement, StagePlacement, place_text_encoder,
                         plan_decode, plan_encode, plan_sampling, stage_bytes)
@@ -169,7 +170,7 @@ def image_encode_stage(modules: Sequence[nn.Module], device: torch.device | str,
     encode_image_conditioning(vae, clip, ..., vae_tile=tiling.tile)``: ``modules`` (the VAE,
     CLIP vision) on ``device`` for the block, one log line. With ``job`` (the encoded video's
     size) the VAE's encode tile is planned by :func:`plan_encode`; without, untiled."""
-    from .vae import WanVAE
+    from .vae import CausalVAE
 
     device = torch.device(device)
     modules = [m for m in modules if m is not None]
@@ -177,7 +178,7 @@ def image_encode_stage(modules: Sequence[nn.Module], device: torch.device | str,
         tiling = EncodeTiling(device, None, None, "no job given")
         line = f"{what} on {device}"
     else:
-        vae = next((m for m in modules if isinstance(m, WanVAE)), None)
+        vae = next((m for m in modules if isinstance(m, CausalVAE)), None)
         clip = next((m for m in modules if m is not vae), None)
         tiling = plan_encode(vae, options or RunOptions(), device, free_bytes, job=job, clip_vision=clip)
         line = f"{what} on {device}, encode {tiling.describe()}"
@@ -207,12 +208,14 @@ class RunPlan:
     """
 
     def __init__(self, dit, job: Job, options: RunOptions, device: torch.device, offload_device: torch.device,
-                 free_bytes: int | None, compiled: CompiledModels | None, vae=None, clip_vision=None) -> None:
+                 free_bytes: int | None, compiled: CompiledModels | None, vae=None, clip_vision=None,
+                 parallel=None) -> None:
         self.dit, self.job, self.options = dit, job, options
         self.device, self.offload_device = device, offload_device
         self.free_bytes = free_bytes
+        self.parallel = parallel   # this rank's wan_core.distributed.ParallelGroups, or None
         self.placement = plan_sampling(dit, job, options, device, offload_device, free_bytes, vae=vae,
-                                       clip_vision=clip_vision)
+                                       clip_vision=clip_vision, parallel=None if parallel is None else parallel.config)
         self._compiled = compiled
         self._own_compiled: CompiledModels | None = None
         self._stack = contextlib.ExitStack()
@@ -271,7 +274,15 @@ class RunPlan:
                 # added to the masters first, removed last: block swap copies the hooked weights
                 stack.enter_context(applied_loras(dit, list(self.options.loras)))
             executor = None
-            if place.resident_blocks is None:
+            if place.sharded:
+                # FSDP2 keeps this rank's shard of each block on the device (it stays sharded: FSDP
+                # has no way back); the other weights get device copies for the stage
+                if not is_sharded(dit):
+                    shard_blocks(dit, self.parallel, place.device)
+                for name, child in dit.named_children():
+                    if name != "blocks":
+                        stack.enter_context(on_device(child, place.device))
+            elif place.resident_blocks is None:
                 stack.enter_context(on_device(dit, place.device))
             else:
                 executor = BlockSwap(place.resident_blocks, compute_device=place.device,
@@ -280,7 +291,7 @@ class RunPlan:
                 stack.callback(executor.release)   # before setup: a setup failing half-way is undone too
                 executor.setup(dit)
             cache = build_step_cache(self.options.step_cache, dit)
-            yield DiTRunner(dit, executor=executor, step_cache=cache)
+            yield DiTRunner(dit, executor=executor, step_cache=cache, context_cache=place.context_cache)
             if cache is not None:
                 log.info("wan_core: %s", cache.summary())
 
@@ -292,7 +303,7 @@ def _empty_cache(device: torch.device) -> None:
 
 def prepare_run(dit, job: Job | Sequence[int], options: RunOptions | None = None, device: torch.device | str = "cpu",
                 offload_device: torch.device | str = "cpu", free_bytes: int | None = None, *,
-                compiled: CompiledModels | None = None, vae=None, clip_vision=None) -> RunPlan:
+                compiled: CompiledModels | None = None, vae=None, clip_vision=None, parallel=None) -> RunPlan:
     """Plan a run of ``dit`` (a WanDiT resting on ``offload_device``) on ``job`` (a :class:`Job`
     or the latent shape ``(16, T', H/8, W/8)``) with ``options`` on ``device``.
 
@@ -302,9 +313,19 @@ def prepare_run(dit, job: Job | Sequence[int], options: RunOptions | None = None
     decode stages (or their weight bytes), so the memory plan sizes those stages too (set
     ``job.encode_video`` for I2V / FLF2V / V2V). The sampling placement is decided here, so
     a budget that cannot run the job raises :class:`wan_core.PlanError` (naming the minimum)
-    before any model runs.
+    before any model runs. parallel: this rank's :class:`wan_core.distributed.ParallelGroups`
+    when several processes share the sampling: the plan is the rank's
+    (:mod:`wan_core.parallel_plan`: its token chunk, whole / FSDP2-sharded / block-swapped
+    weights) and a sharded placement is applied by the sampling stage.
     """
     if not isinstance(job, Job):
         job = Job.from_latent_shape(job)
+    stride = 16 if dit.cfg.out_dim == 48 else 8   # the DiT's latents say which VAE: 48 channels = Wan 2.2 VAE
+    if job.space_stride != stride:
+        job = dataclasses.replace(job, space_stride=stride)
+    if options is not None and options.step_cache is not None:
+        from .step_cache import check_published_table
+
+        check_published_table(dit.cfg)   # Wan 2.2: refused before any model runs
     return RunPlan(dit, job, options or RunOptions(), torch.device(device), torch.device(offload_device),
-                   free_bytes, compiled, vae, clip_vision)
+                   free_bytes, compiled, vae, clip_vision, parallel)

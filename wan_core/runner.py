@@ -19,9 +19,11 @@ Contract: an executor never modifies ``tokens`` in place (a step cache computes 
 
 Step-invariant work: the text (and CLIP image) context of a guidance branch does not change
 across the steps of a run, so each block's cross-attention K/V are computed on the branch's
-first call and reused (:class:`ContextKVCache`, bit-identical, cleared by ``begin_run``; on by
-default when the blocks run on the CPU, opt-in on a GPU until the memory plan counts
-:func:`context_kv_bytes`).
+first call and reused, and so is the embedded text / image context (:class:`ContextKVCache`,
+bit-identical, cleared by ``begin_run``). On by default when the blocks run on the CPU; on a
+GPU the run plan decides (:func:`wan_core.run_plan.prepare_run`: on when
+:func:`context_kv_bytes` fits beside the resident blocks it chose, off otherwise, said in the
+plan's line); a runner built by hand on a GPU opts in with ``context_cache=True``.
 
 Per-call options: ``rope`` (:class:`~wan_core.dit.RopeOptions`: positions of a context window,
 RIFLEx) and ``skip_blocks``. A call that skips blocks bypasses the step cache (its residual
@@ -31,7 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -40,7 +43,8 @@ from torch import Tensor, nn
 from .configs import DiTConfig
 from .dit import BlockInputs, RopeOptions, WanDiT
 
-__all__ = ["BlockExecutor", "StepCache", "InPlaceBlocks", "DiTRunner", "ContextKVCache", "context_kv_bytes"]
+__all__ = ["BlockExecutor", "StepCache", "InPlaceBlocks", "DiTRunner", "ContextKVCache", "BranchContext",
+           "context_kv_bytes", "CFG_BRANCHES"]
 
 
 class BlockExecutor(Protocol):
@@ -74,20 +78,43 @@ class InPlaceBlocks:
         return tokens
 
 
-def context_kv_bytes(cfg: DiTConfig, batch: int, dtype: torch.dtype, branches: int = 2,
+#: guidance branches a sampling run evaluates ("cond", "uncond"): the cache's default bound, and
+#: what the run plan counts (context_kv_bytes(..., branches=CFG_BRANCHES))
+CFG_BRANCHES = 2
+
+
+def context_kv_bytes(cfg: DiTConfig, batch: int, dtype: torch.dtype, branches: int = CFG_BRANCHES,
                      image_tokens: int | None = None) -> int:
     """Bytes :class:`ContextKVCache` holds for ``branches`` guidance branches: per branch and block,
-    K and V ``[batch, text_len + image_tokens, dim]`` in the compute ``dtype``. ``image_tokens``
-    defaults to 257 (i2v) / ``image_pos_len`` (flf2v) / 0 (t2v). 14B t2v, bf16, B=1, 2 branches:
-    40 * 2 * 512 * 5120 * 2 * 2 = 0.84 GB."""
+    K and V ``[batch, text_len + image_tokens, dim]`` in the compute ``dtype``, and per branch the
+    embedded context: text ``[batch, text_len, dim]`` in ``dtype``, image tokens float32.
+    ``image_tokens`` defaults to 257 (i2v) / ``image_pos_len`` (flf2v) / 0 (t2v). 14B t2v, bf16,
+    B=1, 2 branches: 40 * 2 * 512 * 5120 * 2 * 2 + 2 * 512 * 5120 * 2 = 0.85 GB."""
     if image_tokens is None:
         image_tokens = 0 if not cfg.has_image_input else (cfg.image_pos_len if cfg.model_type == "flf2v" else 257)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return branches * cfg.num_layers * 2 * batch * (cfg.text_len + image_tokens) * cfg.dim * itemsize
+    kv = cfg.num_layers * 2 * batch * (cfg.text_len + image_tokens) * cfg.dim * itemsize
+    embedded = batch * cfg.dim * (cfg.text_len * itemsize + image_tokens * 4)
+    return branches * (kv + embedded)
+
+
+@dataclass
+class BranchContext:
+    """What one guidance branch's context gives a run: the embedded text / image context
+    (``WanDiT.prepare``'s steps 3-4, ``(BlockInputs.context, BlockInputs.context_img)``, None
+    until the branch's first call) and each block's cross-attention K/V (``kv``, keyed by the
+    ``CrossAttention`` module, the ``BlockInputs.cross_kv`` of the branch's calls)."""
+
+    kv: dict = field(default_factory=dict)
+    embedded: tuple[Tensor, Tensor | None] | None = None
+
+    def tensors(self) -> Iterator[Tensor]:
+        for entry in (*self.kv.values(), self.embedded or ()):
+            yield from (t for t in entry if t is not None)
 
 
 class ContextKVCache:
-    """Cross-attention K/V of every block, per guidance branch, for one run.
+    """The embedded context and cross-attention K/V of every block, per guidance branch, for one run.
 
     An entry belongs to a branch's base name ("cond", "uncond"; a context window's ``/w<i>``
     suffix shares its branch's entry) and remembers the raw ``context`` / ``clip_fea`` it was
@@ -97,9 +124,9 @@ class ContextKVCache:
     for one branch.
     """
 
-    def __init__(self, max_branches: int = 4) -> None:
+    def __init__(self, max_branches: int = CFG_BRANCHES) -> None:
         self.max_branches = max_branches
-        self._entries: OrderedDict[str, tuple[tuple, dict]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[tuple, BranchContext]] = OrderedDict()
 
     @staticmethod
     def _key(t: Tensor | None) -> tuple:
@@ -119,8 +146,8 @@ class ContextKVCache:
             return True  # the same tensor, not written since (the sampler's usual case)
         return a[2:] == b[2:] and torch.equal(a[0], b[0])
 
-    def entry(self, branch: str, context: Tensor, clip_fea: Tensor | None) -> dict:
-        """The per-block K/V dict for ``branch`` built from these inputs (empty when new)."""
+    def branch(self, branch: str, context: Tensor, clip_fea: Tensor | None) -> BranchContext:
+        """The :class:`BranchContext` of ``branch`` built from these inputs (empty when new)."""
         name = branch.split("/", 1)[0]
         keys = (self._key(context), self._key(clip_fea))
         found = self._entries.get(name)
@@ -130,17 +157,20 @@ class ContextKVCache:
         self._entries.pop(name, None)
         while len(self._entries) >= self.max_branches:
             self._entries.popitem(last=False)
-        kv: dict = {}
-        self._entries[name] = (keys, kv)
-        return kv
+        made = BranchContext()
+        self._entries[name] = (keys, made)
+        return made
+
+    def entry(self, branch: str, context: Tensor, clip_fea: Tensor | None) -> dict:
+        """The per-block K/V dict of :meth:`branch`."""
+        return self.branch(branch, context, clip_fea).kv
 
     def clear(self) -> None:
         self._entries.clear()
 
     def nbytes(self) -> int:
-        """Bytes of the cached K/V tensors now held."""
-        return sum(t.numel() * t.element_size() for _, kv in self._entries.values()
-                   for entry in kv.values() for t in entry if t is not None)
+        """Bytes of the cached tensors now held (K/V and embedded contexts)."""
+        return sum(t.numel() * t.element_size() for _, held in self._entries.values() for t in held.tensors())
 
 
 class DiTRunner:
@@ -152,7 +182,8 @@ class DiTRunner:
         step_cache: optional :class:`StepCache`.
         context_cache: keep each block's cross-attention K/V per guidance branch for the run
             (:class:`ContextKVCache`, exact); None = on when the blocks run on the CPU (host
-            memory; on a GPU it costs :func:`context_kv_bytes` of VRAM, so opt in there).
+            memory; on a GPU it costs :func:`context_kv_bytes` of VRAM: the run plan turns it
+            on when that fits, a runner built by hand opts in).
     """
 
     def __init__(self, dit: WanDiT, executor: BlockExecutor | None = None, step_cache: StepCache | None = None,
@@ -182,21 +213,31 @@ class DiTRunner:
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None,
                  y: Tensor | None = None, branch: str = "cond", *, rope: RopeOptions | None = None,
-                 skip_blocks: Iterable[int] = (), vace_strength: float | None = None) -> Tensor:
+                 skip_blocks: Iterable[int] = (), vace_strength: float | None = None,
+                 full_ref: Tensor | None = None) -> Tensor:
         """Velocity ``[B, 16, F, H, W]`` float32, as :meth:`WanDiT.forward`.
 
         branch: the step-cache state this call belongs to ("cond", "uncond"; a context window
         appends ``/w<i>``). rope: positions / RIFLEx. skip_blocks: block indices not run.
         vace_strength: a VACE DiT's context scale for this call (``y`` is its VACE context).
+        full_ref: a Fun V1.1 Control DiT's reference latent ``[B, 16, H, W]`` (:mod:`wan_core.fun`).
         """
         # rope only when given: the plain call stays the plain call (wrappers and spies see it unchanged)
         extra = {} if rope is None else {"rope": rope}
         if vace_strength is not None:
             extra["vace_strength"] = vace_strength
+        if full_ref is not None:
+            extra["full_ref"] = full_ref
+        use_cache = self.context_cache
+        if use_cache is None:   # the text embedding stays on the compute device under block swap
+            use_cache = self.dit.text_embedding[0].weight.device.type == "cpu"
+        held = self.context_kv.branch(branch, context, clip_fea) if use_cache else None
+        if held is not None and held.embedded is not None:
+            extra["embedded"] = held.embedded
         tokens, inputs = self.dit.prepare(x, t, context, clip_fea, y, **extra)
-        use_cache = self.context_cache if self.context_cache is not None else tokens.device.type == "cpu"
-        if use_cache:
-            inputs = dataclasses.replace(inputs, cross_kv=self.context_kv.entry(branch, context, clip_fea))
+        if held is not None:
+            held.embedded = (inputs.context, inputs.context_img)
+            inputs = dataclasses.replace(inputs, cross_kv=held.kv)
         skip = frozenset(int(i) for i in skip_blocks)
         if skip:
             n = len(self.dit.blocks)

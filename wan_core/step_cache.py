@@ -43,6 +43,11 @@ of at least :data:`I2V_720P_MIN_PATCHES` patches (geometric mean of 832x480 -> 1
 1280x720 -> 3600 patches) counts as 720P. A node that knows better (e.g. from the file name)
 passes ``resolution="480p"`` / ``"720p"``. Custom shapes (tests) use the T2V-1.3B tables
 when ``dim < 3072`` and the 14B ones otherwise; the summary says so.
+
+Wan 2.2 (TI2V-5B, the A14B experts) has no published table here: the Wan 2.1 fits describe
+other weights, so :func:`select_table` refuses those models (:func:`check_published_table`;
+an A14B pair is refused by :func:`wan_core.moe.expert_stages`, since a T2V-A14B expert has
+the T2V-14B shape). Custom coefficients / ratios (e.g. from :class:`MagCalibrator`) work.
 """
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ from .configs import DiTConfig
 from .dit import BlockInputs
 
 __all__ = ["TeaCache", "MagCache", "MagCalibrator", "CacheCounts", "TEACACHE_COEFFICIENTS", "MAGCACHE_RATIOS",
+           "check_published_table", "WAN22_NO_TABLE",
            "I2V_720P_MIN_PATCHES", "interpolate_ratios", "select_table"]
 
 # Published rescale polynomials, highest degree first; keys: mode -> table.
@@ -124,6 +130,18 @@ MAGCACHE_RATIOS: dict[str, tuple[float, ...]] = {
 I2V_720P_MIN_PATCHES = 2370
 
 
+WAN22_NO_TABLE = ("{what} has no published TeaCache/MagCache table in wan_core (the Wan 2.1 fits describe other "
+                  "weights and would skip the wrong steps). Run without a step cache, or calibrate MagCache ratios "
+                  "for this model with MagCalibrator and pass MagCache(ratios=...).")
+
+
+def check_published_table(cfg: DiTConfig) -> None:
+    """Refuse a Wan 2.2 model (TI2V-5B, I2V-A14B) for the published tables: ValueError saying
+    what to do instead."""
+    if cfg.model_type in ("ti2v", "i2v_noclip"):
+        raise ValueError(WAN22_NO_TABLE.format(what=f"Wan 2.2 {cfg.variant}"))
+
+
 def select_table(cfg: DiTConfig, grid: tuple[int, int, int] | None = None,
                  resolution: str = "auto") -> tuple[str | None, str]:
     """Which published table fits ``cfg``: ``(key, note)``; key None = undecided yet.
@@ -133,6 +151,7 @@ def select_table(cfg: DiTConfig, grid: tuple[int, int, int] | None = None,
     """
     if resolution not in ("auto", "480p", "720p"):
         raise ValueError(f"resolution must be 'auto', '480p' or '720p', got {resolution!r}")
+    check_published_table(cfg)
     variant = cfg.variant
     if not cfg.has_image_input:
         if variant in ("T2V-1.3B", "T2V-14B"):
@@ -311,8 +330,8 @@ class TeaCache(_ResidualCache):
                          end_step=end_step, residual_device=residual_device)
         self.mode, self.cfg, self.resolution = mode, cfg, resolution
         self._fixed = None if coefficients is None else tuple(float(c) for c in coefficients)
-        if cfg is not None:
-            select_table(cfg, None, resolution)  # validate early
+        if cfg is not None and self._fixed is None:
+            select_table(cfg, None, resolution)  # validate early (custom coefficients need no table)
         self._on_begin_run()
 
     @classmethod

@@ -200,13 +200,15 @@ class WanVaceDiT(WanDiT):
 
     def prepare(self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None,
                 y: Tensor | None = None, *, rope: RopeOptions | None = None,
-                vace_strength: float = 1.0) -> tuple[Tensor, BlockInputs]:
+                vace_strength: float = 1.0,
+                embedded: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, BlockInputs]:
         """Base steps 1-4, plus the control branch when ``y`` is given and the strength > 0.
 
         y: VACE context ``[B, vace_in_dim, F, H, W]`` (``VaceEmbeds.latents`` batched) or None.
+        embedded: as :meth:`WanDiT.prepare`.
         """
         strength = check_strength(vace_strength)
-        tokens, inputs = super().prepare(x, t, context, clip_fea, None, rope=rope)
+        tokens, inputs = super().prepare(x, t, context, clip_fea, None, rope=rope, embedded=embedded)
         if y is None or strength == 0.0:
             return tokens, inputs          # the base model, bit for bit
         cfg = self.cfg

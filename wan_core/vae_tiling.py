@@ -152,12 +152,20 @@ def _blend_weights(plan: TilePlan, scale: int) -> list[list[Tensor]]:
 
 # --------------------------------------------------------------------------- memory estimates
 
+# The Wan 2.2 VAE (wan_core.vae22, 16x16 pixels per latent pixel) relative to the Wan 2.1 VAE, per
+# latent pixel on the simulated GPU (wan_core.planner.VAE22_FIGURES): decode 4,316,928 / 1,169,920 B,
+# encode 1,643,904 / 874,112 B, at its published widths (encoder 160, decoder 256).
+_VAE22_DECODE_SCALE = 3.69
+_VAE22_ENCODE_SCALE = 1.88
+
+
 def _scale(config, dtype: torch.dtype, decoder: bool = False) -> float:
-    # The Wan 2.2 VAE (wan_core.vae22) runs at the same 8x8 positions per latent pixel (16x16
-    # pixels, 2x2 patchified) with its own widths (encoder 160, decoder dec_dim 256): scaled by
-    # width like a Wan 2.1 VAE of that width (an estimate, not measured).
-    width = getattr(config, "dec_dim", config.dim) if decoder else config.dim
-    return (width / 96) * (torch.empty((), dtype=dtype).element_size() / 4)
+    bytes_scale = torch.empty((), dtype=dtype).element_size() / 4
+    if hasattr(config, "dec_dim"):   # Wan 2.2 VAE: measured at the published widths, scaled by width
+        if decoder:
+            return _VAE22_DECODE_SCALE * (config.dec_dim / 256) * bytes_scale
+        return _VAE22_ENCODE_SCALE * (config.dim / 160) * bytes_scale
+    return (config.dim / 96) * bytes_scale
 
 
 def decode_activation_bytes(config, tile: tuple[int, int], dtype: torch.dtype = torch.float32) -> int:

@@ -454,7 +454,51 @@ def _vace(specs, kind: str) -> Graph:
     return g
 
 
+def vace_edge_control(specs) -> Graph:
+    """Wan2.1-VACE 1.3B following the canny edges of a video, made by WanCore Control Preprocess."""
+    g = Graph(specs)
+    _note(g, "Edge control with Wan2.1-VACE 1.3B, 832x480, 81 frames: WanCore Control Preprocess turns the source "
+          "video (cut to 81 frames, scaled to 832x480) into canny edges, white on black, and the new video follows "
+          "them. Its mode scribble gives looser, sketch-like edges, grayscale keeps light and shade, blur only the "
+          "layout. For depth or pose control put a preprocessor pack's node (depth, pose ...) in its place: its IMAGE "
+          "output plugs into control_video the same way. Its padding and box widgets make an outpainting / "
+          "inpainting mask (control_mask); the padded size must then be WanCore VACE Encode's width x height. "
+          "Official: 50 steps, shift 16, cfg 5.\n\n" + _files(VACE_13B)
+          + "\nPut your video in ComfyUI/input/ (or drop it on Load Video).")
+    dit, te, vae, _ = _loaders(g, VACE_13B)
+    video = g.add("LoadVideo", (360, 300), {"file": "example.mp4"}, size=(300, 320))
+    parts = g.add("GetVideoComponents", (360, 660), {}, {"video": (video, 0)}, size=(240, 100))
+    clip = g.add("ImageFromBatch", (360, 800), {"batch_index": 0, "length": 81}, {"image": (parts, 0)})
+    scaled = g.add("ImageScale", (360, 960), {"upscale_method": "lanczos", "width": 832, "height": 480,
+                                              "crop": "center"}, {"image": (clip, 0)})
+    control = g.add("WanCoreControlPreprocess", (360, 1140),
+                    {"mode": "canny", "low_threshold": 0.4, "high_threshold": 0.8, "blur_sigma": 1.0,
+                     "scribble_threshold": 0.0, "pad_left": 0, "pad_top": 0, "pad_right": 0, "pad_bottom": 0,
+                     "pad_fill": "grey", "box_x": 0, "box_y": 0, "box_width": 0, "box_height": 0},
+                    {"image": (scaled, 0)}, size=(320, 440))
+    embeds = g.add("WanCoreVACEEncode", (360, 1620),
+                   {"width": 832, "height": 480, "frames": 81, "strength": 1.0, "start_percent": 0.0,
+                    "end_percent": 1.0}, {"vae": (vae, 0), "control_video": (control, 0), "control_mask": (control, 1)},
+                   size=(320, 260))
+    text = _text(g, te, "A white cat walks slowly across a sunlit garden, realistic style, soft light.", "t2v")
+    _sample_and_save(g, dit, text, embeds, vae, steps=50, shift=16.0, prefix="WanCore/vace_edge_control")
+    return g
+
+
+def _recipes(name: str):
+    """A recipe module beside this file (``workflows/<name>.py``), loaded by path: this script
+    runs as a file, not from a package."""
+    spec = importlib.util.spec_from_file_location(f"wancore_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def graphs(specs) -> dict[str, Graph]:
+    # the Wan 2.2 recipes: their own module, given this one's Graph, _note and file names
+    graphs22 = _recipes("wan22_workflows").graphs22(types.SimpleNamespace(**globals()), specs)
+    graphs_fun = _recipes("fun_workflows").graphs_fun(types.SimpleNamespace(**globals()), specs)   # Wan2.1-Fun
+    graphs_multigpu = _recipes("multigpu_workflows").graphs_multigpu(types.SimpleNamespace(**globals()), specs)
     return {
         "wan_t2v_1.3B": t2v(specs, "wan2.1_t2v_1.3B_bf16.safetensors", "t2v_1.3B",
                             "Text-to-video with Wan 2.1 T2V 1.3B, 832x480, 81 frames (5 s at 16 fps). "
@@ -487,6 +531,10 @@ def graphs(specs) -> dict[str, Graph]:
         "wan_vace_1.3B_reference_to_video": _vace(specs, "reference"),
         "wan_vace_1.3B_control_video": _vace(specs, "control"),
         "wan_vace_1.3B_outpainting": _vace(specs, "outpaint"),
+        "wan_vace_1.3B_edge_control": vace_edge_control(specs),
+        **graphs22,
+        **graphs_fun,
+        **graphs_multigpu,
     }
 
 

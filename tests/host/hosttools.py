@@ -31,6 +31,10 @@ API = ROOT / "workflows" / "api"
 W = H = 32
 FRAMES = 5
 STARTUP_S, PROMPT_S = 120, 100
+# Wan 2.2 workflows: the tiny model standing in for each published file, by a part of its name
+TINY22 = {"t2v_high_noise": "wan22_tiny_t2v_high.safetensors", "t2v_low_noise": "wan22_tiny_t2v_low.safetensors",
+          "i2v_high_noise": "wan22_tiny_i2v_high.safetensors", "i2v_low_noise": "wan22_tiny_i2v_low.safetensors",
+          "ti2v_5B": "wan22_tiny_ti2v.safetensors", "wan2.2_vae": "wan22_tiny_vae.safetensors"}
 TINY = {"WanCoreLoadDiT": ("model_name", "wan_tiny_t2v.safetensors"),
         "WanCoreLoadVAE": ("vae_name", "wan_tiny_vae.safetensors"),
         "WanCoreLoadTextEncoder": ("text_encoder_name", "umt5_tiny.safetensors"),
@@ -96,11 +100,39 @@ def write_models(base: Path) -> None:
         vace = WanVaceDiT(dataclasses.replace(SELFTEST_CONFIGS["t2v"], vace_layers=(0,)))
     save_file({"model.diffusion_model." + k: v for k, v in _randomize(vace, 7).items()},
               str(models / "diffusion_models" / "wan_tiny_vace.safetensors"))
+    # a tiny Wan2.1-Fun V1.1 Control DiT: the selftest I2V shape with 48 input channels and ref_conv
+    with torch.device("meta"):
+        fun = WanDiT(dataclasses.replace(i2v, in_dim=48, fun="control", ref_in_dim=16))
+    save_file({"model.diffusion_model." + k: v for k, v in _randomize(fun, 8).items()},
+              str(models / "diffusion_models" / "wan_tiny_fun_control.safetensors"))
     # a rank-2 LoRA on two Linears of the tiny T2V model (official names, diffusion_model. prefix)
     with torch.device("meta"):
         t2v = WanDiT(SELFTEST_CONFIGS["t2v"])
     (models / "loras").mkdir(parents=True, exist_ok=True)
     nodepack.write_tiny_lora(models / "loras" / "wan_tiny_lora.safetensors", t2v, seed=6)
+    write_wan22_models(models)
+
+
+def write_wan22_models(models: Path) -> None:
+    """Tiny Wan 2.2 models (TINY22): A14B expert pairs (T2V, I2V without CLIP), TI2V-5B (48
+    channels) at the selftest widths, and a tiny Wan 2.2 VAE, in ComfyUI's single-file layout."""
+    from safetensors.torch import save_file
+
+    import wan22_factory
+    from wan_core.dit import WanDiT
+    from wan_core.selftest import SELFTEST_CONFIGS, _randomize
+
+    t2v = SELFTEST_CONFIGS["t2v"]
+    i2v = dataclasses.replace(t2v, in_dim=36, model_type="i2v_noclip")
+    ti2v = dataclasses.replace(t2v, in_dim=48, out_dim=48, model_type="ti2v")
+    for name, cfg, seed in (("t2v_high", t2v, 21), ("t2v_low", t2v, 22), ("i2v_high", i2v, 23),
+                            ("i2v_low", i2v, 24), ("ti2v", ti2v, 25)):
+        with torch.device("meta"):
+            model = WanDiT(cfg)
+        save_file({"model.diffusion_model." + k: v for k, v in _randomize(model, seed).items()},
+                  str(models / "diffusion_models" / f"wan22_tiny_{name}.safetensors"))
+    save_file(wan22_factory.vae22_official(wan22_factory.TINY_VAE22, 26),
+              str(models / "vae" / "wan22_tiny_vae.safetensors"))
 
 
 def write_inputs(base: Path) -> None:
@@ -234,8 +266,10 @@ def tiny(name: str, steps: int = 2, seed: int | None = None, **changes) -> dict:
     prompt = json.loads((API / f"{name}.json").read_text())
     for node in prompt.values():
         cls, inputs = node["class_type"], node["inputs"]
+        wan22 = None   # a Wan 2.2 file's own tiny stand-in (set after the name rules below)
         if cls in TINY:
             key, value = TINY[cls]
+            wan22 = next((v for part, v in TINY22.items() if part in str(inputs.get(key))), None)
             inputs[key] = value
         if cls == "WanCoreLoadDiT" and "i2v" in name:
             inputs["model_name"] = "wan_tiny_i2v.safetensors"
@@ -243,7 +277,14 @@ def tiny(name: str, steps: int = 2, seed: int | None = None, **changes) -> dict:
             inputs["model_name"] = "wan_tiny_flf2v.safetensors"
         if cls == "WanCoreLoadDiT" and "vace" in name:
             inputs["model_name"] = "wan_tiny_vace.safetensors"
-        if cls in ("WanCoreEmptyVideoEmbeds", "WanCoreImageToVideoEncode", "WanCoreVACEEncode", "ImageScale"):
+        if cls == "WanCoreLoadDiT" and "fun_control" in name:
+            inputs["model_name"] = "wan_tiny_fun_control.safetensors"
+        if cls == "WanCoreLoadDiT" and "fun_inp" in name:   # Fun InP has the I2V shapes
+            inputs["model_name"] = "wan_tiny_i2v.safetensors"
+        if wan22 is not None:
+            inputs[TINY[cls][0]] = wan22
+        if cls in ("WanCoreEmptyVideoEmbeds", "WanCoreImageToVideoEncode", "WanCoreVACEEncode", "ImageScale",
+                   "WanCoreImageToVideoEncode22", "WanCoreFunControlEncode"):
             inputs.update(width=W, height=H)
             if "frames" in inputs:
                 inputs["frames"] = 1 if inputs["frames"] == 1 else FRAMES
@@ -251,6 +292,8 @@ def tiny(name: str, steps: int = 2, seed: int | None = None, **changes) -> dict:
             inputs["length"] = FRAMES
         if cls == "WanCoreExtendVideo":   # FRAMES-frame clips overlapping by one
             inputs.update(frames=FRAMES, overlap=1, steps=steps)
+        if cls == "WanCoreMultiGPUOptions":   # two CPU processes (the server has no GPU); 2 heads of 128
+            inputs.update(devices="cpu,cpu", ulysses=2, ring=1, cfg_parallel=False)
         if cls == "WanCoreSampler":
             inputs["steps"] = steps
             # distinct per workflow: graphs that shrink to the same one still run (not cached)

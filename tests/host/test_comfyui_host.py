@@ -76,7 +76,8 @@ def test_object_info_lists_every_node_with_the_workflows_widgets(server):
     assert ours == set(nodepack.load_pack().NODE_CLASS_MAPPINGS)   # every node the pack registers, no other
     # ... among them every node of the frozen record, which saved workflows rely on
     assert ours >= set(json.loads((ROOT / "tests" / "data" / "node_inputs_snapshot.json").read_text()))
-    assert "wan_tiny_t2v.safetensors" in info["WanCoreLoadDiT"]["input"]["required"]["model_name"][0]
+    kind, opts = info["WanCoreLoadDiT"]["input"]["required"]["model_name"]
+    assert "wan_tiny_t2v.safetensors" in (opts["options"] if kind == "COMBO" else kind)   # V3 / V1 combo form
     for path in sorted((ROOT / "workflows").glob("*.json")):
         for node in json.loads(path.read_text())["nodes"]:
             if node["type"] == "Note":
@@ -169,6 +170,24 @@ def test_an_i2v_graph_with_a_t2v_model_fails_with_a_clear_error_and_the_server_k
     assert "is a text-to-video model" in errors[0]["data"]["exception_message"]
     assert history["status"]["status_str"] == "error"
     ok, _ = server.run(tiny("wan_t2i_1.3B"))
+    assert ok["status"]["status_str"] == "success"
+
+
+@pytest.mark.parametrize("name, loader, index, value, node_type, message", [
+    ("wan22_ti2v_5B_t2v", "WanCoreLoadVAE", 0, "wan_tiny_vae.safetensors", "WanCoreDecode", "Wan 2.2 VAE"),
+    ("wan22_t2v_A14B_fp8_8GB", "WanCoreLoadDiT", 1, "wan22_tiny_i2v_low.safetensors", "WanCoreSampler",
+     "not the two experts of one Wan 2.2 A14B model"),
+], ids=["wan21_vae_in_ti2v_graph", "mismatched_experts"])
+def test_a_wan21_wan22_mismatch_fails_with_a_clear_error_and_the_server_keeps_serving(
+        server, name, loader, index, value, node_type, message):
+    prompt = tiny(name)
+    node = [k for k, v in prompt.items() if v["class_type"] == loader][index]
+    prompt[node]["inputs"][hosttools.TINY[loader][0]] = value
+    history, events = server.run(prompt)
+    errors = [e for e in events if e["type"] == "execution_error"]
+    assert errors and errors[0]["data"]["node_type"] == node_type
+    assert message in errors[0]["data"]["exception_message"]
+    ok, _ = server.run(tiny("wan22_ti2v_5B_t2v", seed=5))
     assert ok["status"]["status_str"] == "success"
 
 

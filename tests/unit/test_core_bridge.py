@@ -88,11 +88,28 @@ def test_image_embeds_from_core_need_both_end_inputs_for_flf2v(pack):
                                                        end_image=torch.zeros(1, 32, 32, 3))
 
 
+def _stub_dit(*layers, **cfg):
+    """A module standing in for a loaded DiT: its layers and a config (T2V 1.3B unless given)."""
+    dit = torch.nn.Sequential(*layers)
+    dit.cfg = types.SimpleNamespace(**{"model_type": "t2v", "fun": "", "variant": "T2V-1.3B", **cfg})
+    return dit
+
+
+@pytest.mark.parametrize("cfg, what", [({"model_type": "ti2v", "variant": "TI2V-5B"}, "Wan 2.2 model"),
+                                       ({"model_type": "i2v_noclip", "variant": "I2V-A14B"}, "Wan 2.2 model"),
+                                       ({"model_type": "i2v", "fun": "control", "variant": "Fun-Control-1.3B"},
+                                        "Fun Control")])
+def test_dit_to_model_refuses_models_core_wan21_would_misread(pack, monkeypatch, cfg, what):
+    monkeypatch.setattr(pack.nodes.host, "core_model", lambda dit, shift: pytest.fail("bridged " + what))
+    with pytest.raises(ValueError, match=what):
+        pack.nodes.WanCoreDiTToModel().convert(pack.nodes.types.LoadedDiT(_stub_dit(**cfg)), 3.0)
+
+
 def test_dit_to_model_hands_the_loaded_dit_and_shift_to_the_host_bridge(pack, monkeypatch):
     calls = []
     monkeypatch.setattr(pack.nodes.host, "core_model", lambda dit, shift: calls.append((dit, shift)) or "MODEL")
     CastLinear = importlib.import_module(pack.__name__ + ".wan_core.layers").CastLinear   # the pack's own copy
-    dit = torch.nn.Sequential(CastLinear(4, 4))
+    dit = _stub_dit(CastLinear(4, 4))
     (model,) = pack.nodes.WanCoreDiTToModel().convert(pack.nodes.types.LoadedDiT(dit), 3.0)
     assert model == "MODEL" and calls == [(dit, 3.0)]
 
@@ -104,7 +121,7 @@ def test_dit_to_model_refuses_fp8_and_gguf_storage_that_core_patches_would_corru
     layer = CastLinear(4, 4)
     layer.weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=dtype), requires_grad=False)
     with pytest.raises(ValueError, match=f"stored as {kind}.*weight_dtype bf16"):
-        pack.nodes.WanCoreDiTToModel().convert(pack.nodes.types.LoadedDiT(torch.nn.Sequential(layer)), 3.0)
+        pack.nodes.WanCoreDiTToModel().convert(pack.nodes.types.LoadedDiT(_stub_dit(layer)), 3.0)
 
 
 def test_core_encoder_workflows_spell_out_the_official_negative_prompt(pack):

@@ -37,22 +37,33 @@ def _configs():
     from wan_core.configs import DiTConfig
 
     base = dict(dim=128, head_dim=32, ffn_dim=192, num_layers=2, text_dim=32, freq_dim=64, text_len=8)
-    return {"t2v": DiTConfig(**base), "i2v": DiTConfig(**base, in_dim=36, model_type="i2v", clip_dim=32)}
+    return {"t2v": DiTConfig(**base), "i2v": DiTConfig(**base, in_dim=36, model_type="i2v", clip_dim=32),
+            # Wan 2.2 TI2V-5B's layout: 48 channels, image-to-video through per-token timesteps
+            "ti2v": DiTConfig(**base, in_dim=48, out_dim=48, model_type="ti2v")}
 
 
 # shapes: latent [16, T', h, w]; tokens T' * h/2 * w/2
 EVEN = (16, 2, 4, 4)   # 8 tokens: divides 2 and 4
 ODD = (16, 1, 6, 6)    # 9 tokens: divides neither 2 nor 4
+TI2V_EVEN = (48, 2, 4, 4)   # TI2V image-to-video: latent frame 0 is the image, its 4 tokens at t = 0
+TI2V_ODD = (48, 3, 2, 6)    # 9 tokens, the image's 3 of them at t = 0
 
 CASES = {
     2: [("ulysses2", (2, 1, False), "t2v", EVEN, ""), ("ulysses2", (2, 1, False), "i2v", ODD, ""),
+        ("ulysses2+blockswap+fp8", (2, 1, False), "i2v", EVEN, "swap,fp8"),
         ("ring2", (1, 2, False), "t2v", ODD, ""), ("ring2", (1, 2, False), "i2v", EVEN, ""),
-        ("cfg2", (1, 1, True), "t2v", ODD, ""), ("cfg2", (1, 1, True), "i2v", EVEN, ""),
         ("ring2+blockswap+fp8", (1, 2, False), "t2v", ODD, "swap,fp8"),
-        ("ulysses2+sharded", (2, 1, False), "i2v", ODD, "shard"),
+        ("cfg2", (1, 1, True), "t2v", ODD, ""), ("cfg2", (1, 1, True), "i2v", EVEN, ""),
+        ("cfg2+blockswap+fp8", (1, 1, True), "t2v", EVEN, "swap,fp8"),
+        ("ulysses2 per-token t", (2, 1, False), "ti2v", TI2V_EVEN, ""),
+        ("ring2 per-token t+blockswap+fp8", (1, 2, False), "ti2v", TI2V_ODD, "swap,fp8"),
+        ("ulysses2+sharded by the run plan", (2, 1, False), "i2v", ODD, "plan"),
         ("ring2+sharded", (1, 2, False), "t2v", EVEN, "shard,bf16")],
     4: [("ulysses2xring2", (2, 2, False), "t2v", ODD, ""), ("ulysses2xring2", (2, 2, False), "i2v", EVEN, ""),
-        ("ulysses4", (4, 1, False), "i2v", ODD, ""), ("ring4", (1, 4, False), "t2v", ODD, ""),
+        ("ulysses2xring2+blockswap+fp8", (2, 2, False), "i2v", ODD, "swap,fp8"),
+        ("ulysses2xring2 per-token t", (2, 2, False), "ti2v", TI2V_ODD, ""),
+        ("ulysses4", (4, 1, False), "i2v", ODD, ""), ("ulysses4+blockswap+fp8", (4, 1, False), "t2v", EVEN, "swap,fp8"),
+        ("ring4", (1, 4, False), "t2v", ODD, ""), ("ring4+blockswap+fp8", (1, 4, False), "i2v", EVEN, "swap,fp8"),
         ("ulysses2+cfg", (2, 1, True), "i2v", ODD, "swap"), ("ring2+cfg", (1, 2, True), "t2v", EVEN, "fp8")],
 }
 
@@ -75,16 +86,20 @@ def _model(variant: str, fp8: bool, bf16: bool = False):
 
 
 def _inputs(variant: str, shape):
+    """Text, the I2V image conditioning (None otherwise) and the TI2V image latents ``z``
+    ``[48, 1, h, w]`` (None otherwise)."""
     from wan_core.conditioning import ImageEmbeds, TextEmbeds
 
     g = torch.Generator().manual_seed(5)
     text = TextEmbeds(torch.randn(5, 32, generator=g), torch.randn(3, 32, generator=g))
-    image = None
+    image = z = None
     if variant == "i2v":
         y = torch.randn(20, *shape[1:], generator=g)
         image = ImageEmbeds(y=y, clip_fea=torch.randn(4, 32, generator=g), width=shape[3] * 8,
                             height=shape[2] * 8, frames=(shape[1] - 1) * 4 + 1)
-    return text, image
+    if variant == "ti2v":
+        z = torch.randn(48, 1, *shape[2:], generator=g)
+    return text, image, z
 
 
 class _Recording:
@@ -98,8 +113,11 @@ class _Recording:
 
 def _sample(dit, variant, shape, runner, cfg_parallel=None, die_at: int | None = None):
     from wan_core.pipeline import SamplerSettings, sample
+    from wan_core.ti2v import FirstFrameRunner
 
-    text, image = _inputs(variant, shape)
+    text, image, z = _inputs(variant, shape)
+    if z is not None:   # per-token timesteps: the image frame's tokens at t = 0, the others at t
+        runner = FirstFrameRunner(runner, z)
     x0s = []
 
     def callback(info):
@@ -109,7 +127,7 @@ def _sample(dit, variant, shape, runner, cfg_parallel=None, die_at: int | None =
 
     settings = SamplerSettings(steps=2, cfg=5.0, shift=5.0, sampler="unipc", seed=11)
     out = sample(dit, text, settings, shape=None if image else shape, image=image, runner=runner,
-                 callback=callback, cfg_parallel=cfg_parallel)
+                 callback=callback, cfg_parallel=cfg_parallel, known_latents=z)
     return out, x0s
 
 
@@ -118,12 +136,14 @@ def _max_diff(a, b) -> float:
 
 
 def _run_case(case, cache):
-    from wan_core.distributed import CFGParallel, SequenceParallelRunner, make_groups, shard_blocks
+    from wan_core.distributed import CFGParallel, SequenceParallelRunner, is_sharded, make_groups, shard_blocks
     from wan_core.offload import BlockSwap
+    from wan_core.run_plan import RunOptions, prepare_run
     from wan_core.runner import DiTRunner
 
     name, (u, r, cfgp), variant, shape, opts = case
-    fp8, swap, bf16, shard = "fp8" in opts, "swap" in opts, "bf16" in opts, "shard" in opts
+    fp8, swap, bf16, plan = "fp8" in opts, "swap" in opts, "bf16" in opts, "plan" in opts
+    shard = "shard" in opts or plan
     key = (variant, shape, fp8, bf16, shard)   # a sharded model is changed: never shared
     if key not in cache:
         dit = _model(variant, fp8, bf16)
@@ -132,7 +152,14 @@ def _run_case(case, cache):
         ref, ref_x0 = _sample(dit, variant, shape, ref_runner)
         cache[key] = (dit, ref, ref_x0, ref_runner.seen)
     dit, ref, ref_x0, ref_seen = cache[key]
-    groups = make_groups(ParallelConfig(u, r, cfgp), dit.cfg.num_heads)
+    groups = make_groups(ParallelConfig(u, r, cfgp, "on" if plan else "auto"), dit.cfg.num_heads)
+    if plan:   # the run plan decides (shard_weights "on") and its sampling stage shards the blocks
+        with prepare_run(dit, shape, RunOptions(), "cpu", parallel=groups) as run_plan, run_plan.sampling() as inner:
+            assert run_plan.placement.sharded and is_sharded(dit)
+            runner = type("SP", (_Recording, SequenceParallelRunner), {})(dit, groups, inner.executor)
+            runner.seen = []
+            out, x0s = _sample(dit, variant, shape, runner, CFGParallel(groups) if cfgp else None)
+        return _compare(groups, cfgp, runner.seen, ref_seen, out, ref, x0s, ref_x0)
     if shard:
         shard_blocks(dit, groups)
         assert type(dit.blocks[0].self_attn.q.weight).__name__ == "DTensor"
@@ -143,9 +170,15 @@ def _run_case(case, cache):
         runner = type("Plain", (_Recording, DiTRunner), {})(dit, executor)
     runner.seen = []
     out, x0s = _sample(dit, variant, shape, runner, CFGParallel(groups) if cfgp else None)
+    return _compare(groups, cfgp, runner.seen, ref_seen, out, ref, x0s, ref_x0)
+
+
+def _compare(groups, cfgp, seen, ref_seen, out, ref, x0s, ref_x0) -> dict:
+    """Max |diff| of every prediction of this rank's branches, every x0 estimate and the final
+    latents against the single-process run, and the size of the numbers."""
     mine = [o for b, o in ref_seen if not cfgp or b == ("cond", "uncond")[groups.branch]]
-    assert len(mine) == len(runner.seen) and len(x0s) == len(ref_x0)
-    return {"pred": max(_max_diff(a, b) for a, (_, b) in zip(mine, runner.seen)),
+    assert len(mine) == len(seen) and len(x0s) == len(ref_x0)
+    return {"pred": max(_max_diff(a, b) for a, (_, b) in zip(mine, seen)),
             "x0": max(_max_diff(a, b) for a, b in zip(ref_x0, x0s)), "final": _max_diff(ref, out),
             "scale": max(float(ref.abs().max()), *(float(o.abs().max()) for o in mine))}
 
@@ -310,11 +343,14 @@ def test_torchrun_cli_writes_the_single_process_video(tmp_path):
 
     assert main(_generate_args(models, tmp_path / "one.mp4")) == 0   # the single-process run, in this process
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "wan_core",
-                          *_generate_args(models, tmp_path / "two.mp4"), "--ring", "2"],
+                          *_generate_args(models, tmp_path / "two.mp4"), "--ring", "2", "--shard-weights", "on"],
                          cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr
     assert two.stderr.count("2/2") == 1 and two.stderr.count("loaded wan_tiny_t2v") == 1   # rank 1 is quiet
     assert two.stdout.count("wrote ") == 1
+    # rank 0 prints the run plan once: the rank's plan, the blocks sharded over the two ranks
+    assert two.stderr.count("wan_core plan: sampling") == 1, two.stderr
+    assert "DiT blocks sharded over the sequence group (FSDP2)" in two.stderr
     # the frames equal the single-process ones up to float32 rounding (ring attention merges blocks by
     # log-sum-exp, ~1e-6 relative; the latents are compared at 1e-5 in the tests above). After 8-bit
     # rounding one value may move a step, which H.264 spreads over its block: measured max 8/255 at a

@@ -199,7 +199,12 @@ def test_builds_on_meta_device_with_official_parameter_count_and_no_buffers(name
     expected = {"T2V-1.3B": (1_418_996_800, 825), "T2V-14B": (14_288_491_584, 1095),
                 "I2V-14B": (16_394_878_784, 1303), "FLF2V-14B": (16_394_878_784 + 514 * 1280, 1304),
                 # Wan 2.2 (computed: T2V-14B + 20 more patch-embedding input channels; "5B")
-                "I2V-A14B": (14_288_491_584 + 20 * 4 * 5120, 1095), "TI2V-5B": (4_999_787_712, 825)}
+                "I2V-A14B": (14_288_491_584 + 20 * 4 * 5120, 1095), "TI2V-5B": (4_999_787_712, 825),
+                # Wan2.1-Fun (computed): T2V-1.3B + 20 (InP) / 32 (Control) patch-embedding input channels +
+                # the image branch (k_img, v_img, norm_k_img per block; img_emb); Control-14B = I2V-14B + 12
+                "Fun-InP-1.3B": (1_418_996_800 + 20 * 4 * 1536 + 145_308_928, 983),
+                "Fun-Control-1.3B": (1_418_996_800 + 32 * 4 * 1536 + 145_308_928, 983),
+                "Fun-Control-14B": (16_394_878_784 + 12 * 4 * 5120, 1303)}
     with torch.device("meta"):
         model = WanDiT(KNOWN_DIT[name])
     assert list(model.buffers()) == []

@@ -80,3 +80,22 @@ def test_ti2v_equals_the_stages_by_hand(te, with_image):
         runner = FirstFrameRunner(DiTRunner(dit), z)
     latents = sample(dit, _text(te, "a cat"), settings, shape=(48, 2, 4, 6), runner=runner, known_latents=z)
     assert torch.equal(got, frames_from_video(vae.decode(latents[None])))
+
+
+def test_ti2v_image_to_video_takes_the_official_size_and_crop(te):
+    from wan_core.ti2v import fit_image, ti2v_size
+
+    cfg = dataclasses.replace(tiny.TINY_DIT_T2V, in_dim=48, out_dim=48, model_type="ti2v")
+    dit = _dit(cfg, 3)
+    vae = tiny.built(WanVAE22, f22.TINY_VAE22, f22.vae22_official(f22.TINY_VAE22, 1))
+    image = torch.randint(0, 256, (40, 72, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    assert ti2v_size(72, 40, 2048) == (64, 32)                    # official best_output_size, steps of 32
+    got = generate_ti2v(dit=dit, vae=vae, text_encoder=te, prompt="a cat", image=image, max_area=2048,
+                        frames=FRAMES, steps=2, seed=1)
+    assert got.shape == (FRAMES, 32, 64, 3)
+    z = encode_ti2v_image(vae, fit_image(image, 64, 32))         # Lanczos to cover 64x32, center crop
+    latents = sample(dit, _text(te, "a cat"), SamplerSettings(steps=2, cfg=5.0, shift=5.0, seed=1), shape=(48, 2, 2, 4),
+                     runner=FirstFrameRunner(DiTRunner(dit), z), known_latents=z)
+    assert torch.equal(got, frames_from_video(vae.decode(latents[None])))
+    with pytest.raises(ValueError, match="give both width and height"):
+        generate_ti2v(dit=dit, vae=vae, text_encoder=te, prompt="a cat", image=image, width=64)

@@ -67,9 +67,9 @@ def test_cfg_combines_separate_conditional_and_unconditional_passes(models) -> N
     calls = []
     original = dit.prepare
 
-    def spy(x, t, context, clip_fea=None, y=None):
+    def spy(x, t, context, clip_fea=None, y=None, **kw):   # kw: the runner's per-run embedded text
         calls.append(context.shape[1])
-        return original(x, t, context, clip_fea, y)
+        return original(x, t, context, clip_fea, y, **kw)
 
     dit.prepare = spy
     try:
@@ -220,8 +220,8 @@ def test_i2v_model_without_image_and_t2v_model_with_image_are_refused(models) ->
     fake = ImageEmbeds(y=torch.zeros(20, 2, 4, 6), clip_fea=torch.zeros(17, 160), width=W, height=H, frames=FRAMES)
     with pytest.raises(ValueError, match="is a text-to-video model; it takes no image"):
         sample(models["t2v"], text, SETTINGS, image=fake)
-    with pytest.raises(ValueError, match="end_image needs an FLF2V model"):
-        generate(dit=models["i2v"], image=_image(), end_image=_image(), clip_vision=models["clip"], **common)
+    with pytest.raises(ValueError, match="end_image needs a start image too"):   # (an I2V model takes an end
+        generate(dit=models["i2v"], end_image=_image(), clip_vision=models["clip"], **common)  # image: Fun InP)
 
 
 def test_alpha_is_dropped_with_a_warning_and_grayscale_is_repeated() -> None:

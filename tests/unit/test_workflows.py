@@ -31,6 +31,10 @@ EXPECTED = {"wan_t2v_1.3B_257_context_windows", "wan_i2v_480p_extend_x3", "wan_t
             "wan_t2v_14B_fp8_8GB", "wan_i2v_480p", "wan_i2v_720p", "wan_flf2v_720p", "wan_v2v_1.3B", "wan_t2v_1.3B",
             "wan_t2i_1.3B", "wan_t2v_1.3B_core_encoders", "wan_t2v_1.3B_ksampler", "wan_vace_1.3B_reference_to_video",
             "wan_vace_1.3B_control_video", "wan_vace_1.3B_outpainting"}
+EXPECTED |= {"wan22_t2v_A14B_fp8_8GB", "wan22_i2v_A14B", "wan22_ti2v_5B_t2v", "wan22_ti2v_5B_i2v"}   # Wan 2.2
+EXPECTED |= {"wan_vace_1.3B_edge_control"}   # WanCore Control Preprocess -> VACE
+EXPECTED |= {"wan_fun_control_1.3B", "wan_fun_inp_1.3B_first_last_frame"}   # Wan2.1-Fun (workflows/fun_workflows.py)
+EXPECTED |= {"wan_t2v_14B_720p_4_gpus"}   # WanCore Multi-GPU Options (workflows/multigpu_workflows.py)
 
 # Core nodes (ComfyUI 0.3.64): inputs in order as (name, type or combo options, widget?), output types.
 ANY = None  # a combo listing files: any string
@@ -174,7 +178,8 @@ def test_links_connect_matching_types_and_agree_with_the_nodes(path, specs):
         required = [name for name, kind, widget, opts in specs[n["type"]][0] if not widget]
         linked = {s["name"] for s in n["inputs"] if s["link"] is not None}
         optional = {"audio", "end_image", "latent", "memory", "loras", "step_cache", "compile", "context", "guidance",
-                    "control_video", "control_mask", "reference_images"}
+                    "control_video", "control_mask", "reference_images", "low_noise_model", "moe", "multi_gpu",
+                    "reference_image"}
         assert set(required) - optional <= linked, (path.stem, n["type"], set(required) - linked)
 
 
