@@ -41,6 +41,13 @@ FP32_PARAMS: tuple[str, ...] = PRECISION.keep_fp32
 keeps_fp32 = PRECISION.keeps_fp32
 
 
+def _reuse_buffers(x: torch.Tensor) -> bool:
+    """Whether a block may write the temporaries it owns in place: on the CPU, where each
+    fresh activation buffer is memory the allocator may have to map and fault in again, and
+    only when no gradient is recorded (autograd needs the out-of-place values)."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input and storage dtypes; returns input dtype."""
 
@@ -77,8 +84,21 @@ class AttentionBlock(nn.Module):
                                  CastLinear(cfg.mlp_dim, cfg.width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        """``x [B, N, width]`` -> ``[B, N, width]``; never writes ``x``.
+
+        On the CPU without gradients the block reuses the buffers it made itself: the second
+        residual add goes into the first one's result and the exact GELU runs in place on the
+        fresh MLP hidden ``[B, N, mlp_dim]`` (same kernels on the same operands: bit-identical,
+        fewer fresh buffers for the allocator to fault in). With gradients, or on a GPU (whose
+        caching allocator reuses memory anyway), the plain out-of-place form runs.
+        """
+        if not _reuse_buffers(x):
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = x + self.attn(self.norm1(x))             # a fresh tensor: the caller's x is kept
+        fc1, gelu, fc2 = self.mlp
+        hidden = torch.ops.aten.gelu_(fc1(self.norm2(x)), approximate=gelu.approximate)
+        return x.add_(fc2(hidden))
 
 
 class CLIPVisionTower(nn.Module):

@@ -12,7 +12,8 @@ split so a block-swap engine can run the blocks one at a time):
 2. time: float64 sinusoid (cos first) -> ``time_embedding`` = ``e`` ``[B, dim]`` ->
    ``time_projection`` = ``e0`` ``[B, 6, dim]``, shared by all blocks (each adds its own bias)
 3. text: context zero-padded to ``text_len`` -> ``text_embedding``; the padding is attended
-   (no mask), exactly like the official model
+   (no mask) like the official model, its equal pad rows collapsed to one row whose key weighs
+   ``log(n)`` more (the same function, exact; :mod:`wan_core.text_pad` says where and why)
 4. image (i2v / flf2v): CLIP tokens -> ``img_emb`` (plus ``emb_pos`` for flf2v)
 5. blocks: self-attention with 3D RoPE, cross-attention (text + image), FFN, all gated by
    the modulation
@@ -56,6 +57,7 @@ from .fun import prepend_reference
 from .layers import CastLinear, PrecisionPolicy
 from .rope import (RIFLEX_K, RIFLEX_MARGIN, ROPE_DTYPE, ROPE_THETA, RopeOptions, apply_rope,  # noqa: F401
                    apply_rope_, rope_axis_dims, rope_frequencies, rope_tables)
+from .text_pad import biased_attention, collapses_padding, pad_bias, text_rows
 
 if TYPE_CHECKING:
     from .checkpoint import LoadReport
@@ -174,6 +176,9 @@ class BlockInputs:
     # leading tokens that are a Fun V1.1 reference frame (``full_ref``; ``grid`` counts it as one
     # more frame for RoPE), dropped by ``finish``; 0 for every other call
     ref_tokens: int = 0
+    # float32 [1, 1, 1, N_text] added to the text logits: log(n) on the last context row when it
+    # stands for n equal pad rows (wan_core.text_pad); None = every row is its own key
+    text_bias: Tensor | None = None
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
@@ -219,8 +224,8 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Attention from video tokens to the text context (and, for i2v/flf2v, separately to
     the image context through ``k_img``/``v_img``/``norm_k_img``; the two results are summed
-    before ``o``). No mask: the zero padding of the text is attended, as in the official
-    model."""
+    before ``o``). The zero padding of the text is attended, as in the official model: padded,
+    or collapsed to one key with ``inp.text_bias`` (:mod:`wan_core.text_pad`)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, image: bool) -> None:
         super().__init__()
@@ -259,7 +264,8 @@ class CrossAttention(nn.Module):
             if cache is not None:
                 cache[self] = kv
         k, v, k_img, v_img = kv
-        out = attention(q, k, v, inp.attention_backend)
+        bias = inp.text_bias
+        out = attention(q, k, v, inp.attention_backend) if bias is None else biased_attention(q, k, v, bias)
         if k_img is not None:
             out = out + attention(q, k_img, v_img, inp.attention_backend)
         return self.o(_merge_heads(out))
@@ -452,9 +458,11 @@ class WanDiT(nn.Module):
             e = e.unflatten(0, tuple(t.shape))
         e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim))
 
-        # 3. text, zero-padded to text_len and attended without a mask (official behaviour)
+        # 3. text, zero-padded to text_len and attended without a mask (official behaviour; the
+        #    pad rows collapsed to one weighted key where wan_core.text_pad does)
         # 4. image tokens
         ctx, ctx_img = embedded if embedded is not None else self._embed_context(context, clip_fea, cd)
+        bias = pad_bias(ctx.shape[1], cfg.text_len, ctx.device)
 
         ref_tokens = 0
         if full_ref is not None:   # Fun V1.1: the reference frame's tokens go first, RoPE frame 0
@@ -462,14 +470,16 @@ class WanDiT(nn.Module):
             ref_tokens = grid[1] * grid[2]
         tables = rope_tables(grid, cfg.head_dim, tokens.device, self.rope_dtype, rope)
         inputs = BlockInputs(e0=e0, e=e, context=ctx, context_img=ctx_img, rope=tables, grid=grid,
-                             compute_dtype=cd, attention_backend=self.attention_backend, ref_tokens=ref_tokens)
+                             compute_dtype=cd, attention_backend=self.attention_backend, ref_tokens=ref_tokens,
+                             text_bias=bias)
         return tokens, inputs
 
     def _embed_context(self, context: Tensor, clip_fea: Tensor | None,
                        cd: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        """Steps 3-4: text ``[B, text_len, dim]`` in ``cd``, CLIP tokens ``[B, N, dim]`` float32 or None."""
-        pad = self.cfg.text_len - context.shape[1]
-        ctx = self.text_embedding(F.pad(context.to(cd), (0, 0, 0, pad)))
+        """Steps 3-4: text ``[B, text_len, dim]`` in ``cd`` (``[B, L + 1, dim]`` with the padding
+        collapsed: :mod:`wan_core.text_pad`), CLIP tokens ``[B, N, dim]`` float32 or None."""
+        rows = text_rows(context.to(cd), self.cfg.text_len, collapses_padding(cd, context.device))
+        ctx = self.text_embedding(rows)
         return ctx, self.img_emb(clip_fea, cd) if clip_fea is not None else None
 
     def finish(self, x: Tensor, inputs: BlockInputs) -> Tensor:

@@ -84,17 +84,20 @@ CFG_BRANCHES = 2
 
 
 def context_kv_bytes(cfg: DiTConfig, batch: int, dtype: torch.dtype, branches: int = CFG_BRANCHES,
-                     image_tokens: int | None = None) -> int:
+                     image_tokens: int | None = None, text_rows: int | None = None) -> int:
     """Bytes :class:`ContextKVCache` holds for ``branches`` guidance branches: per branch and block,
-    K and V ``[batch, text_len + image_tokens, dim]`` in the compute ``dtype``, and per branch the
-    embedded context: text ``[batch, text_len, dim]`` in ``dtype``, image tokens float32.
-    ``image_tokens`` defaults to 257 (i2v) / ``image_pos_len`` (flf2v) / 0 (t2v). 14B t2v, bf16,
-    B=1, 2 branches: 40 * 2 * 512 * 5120 * 2 * 2 + 2 * 512 * 5120 * 2 = 0.85 GB."""
+    K and V ``[batch, text_rows + image_tokens, dim]`` in the compute ``dtype``, and per branch the
+    embedded context: text ``[batch, text_rows, dim]`` in ``dtype``, image tokens float32.
+    ``text_rows`` defaults to ``text_len``, the bound: the padded context has that many rows, the
+    collapsed one (:mod:`wan_core.text_pad`: the L real rows + 1, float32 or on the CPU) never
+    more; the run plan counts the bound. ``image_tokens`` defaults to 257 (i2v) / ``image_pos_len`` (flf2v) / 0
+    (t2v). 14B t2v, bf16, B=1, 2 branches: 40 * 2 * 512 * 5120 * 2 * 2 + 2 * 512 * 5120 * 2 = 0.85 GB."""
     if image_tokens is None:
         image_tokens = 0 if not cfg.has_image_input else (cfg.image_pos_len if cfg.model_type == "flf2v" else 257)
+    text = cfg.text_len if text_rows is None else text_rows
     itemsize = torch.empty((), dtype=dtype).element_size()
-    kv = cfg.num_layers * 2 * batch * (cfg.text_len + image_tokens) * cfg.dim * itemsize
-    embedded = batch * cfg.dim * (cfg.text_len * itemsize + image_tokens * 4)
+    kv = cfg.num_layers * 2 * batch * (text + image_tokens) * cfg.dim * itemsize
+    embedded = batch * cfg.dim * (text * itemsize + image_tokens * 4)
     return branches * (kv + embedded)
 
 
