@@ -15,6 +15,9 @@ TINY_T5 = T5Config(vocab=384, dim=64, dim_attn=64, dim_ffn=96, num_heads=4, num_
 TINY_CLIP = CLIPVisionConfig(image_size=56, patch_size=14, width=160, mlp_dim=320,
                              num_layers=3, head_dim=80, out_dim=48)
 TINY_DIT_T2V = DiTConfig(dim=256, ffn_dim=384, num_layers=2, text_dim=TINY_T5.dim, freq_dim=64)
+# Wan 2.2 TI2V-5B shape: 48 latent channels in and out (the Wan 2.2 VAE), per-token timesteps
+TINY_DIT_TI2V = DiTConfig(dim=256, ffn_dim=384, num_layers=2, text_dim=TINY_T5.dim, freq_dim=64, in_dim=48,
+                          out_dim=48, model_type="ti2v")
 TINY_DIT_I2V = DiTConfig(dim=256, ffn_dim=384, num_layers=2, in_dim=36, text_dim=TINY_T5.dim,
                          freq_dim=64, model_type="i2v", clip_dim=TINY_CLIP.width)
 TINY_DIT_FLF2V = DiTConfig(dim=256, ffn_dim=384, num_layers=2, in_dim=36, text_dim=TINY_T5.dim,

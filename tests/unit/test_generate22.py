@@ -66,7 +66,7 @@ def test_i2v_a14b_equals_the_stages_by_hand(te, tiny_vae):
 
 @pytest.mark.parametrize("with_image", [False, True])
 def test_ti2v_equals_the_stages_by_hand(te, with_image):
-    cfg = dataclasses.replace(tiny.TINY_DIT_T2V, in_dim=48, out_dim=48, model_type="ti2v")
+    cfg = tiny.TINY_DIT_TI2V
     dit = _dit(cfg, 3)
     vae = tiny.built(WanVAE22, f22.TINY_VAE22, f22.vae22_official(f22.TINY_VAE22, 1))
     image = torch.rand(64, 96, 3, generator=torch.Generator().manual_seed(2)) if with_image else None
@@ -85,7 +85,7 @@ def test_ti2v_equals_the_stages_by_hand(te, with_image):
 def test_ti2v_image_to_video_takes_the_official_size_and_crop(te):
     from wan_core.ti2v import fit_image, ti2v_size
 
-    cfg = dataclasses.replace(tiny.TINY_DIT_T2V, in_dim=48, out_dim=48, model_type="ti2v")
+    cfg = tiny.TINY_DIT_TI2V
     dit = _dit(cfg, 3)
     vae = tiny.built(WanVAE22, f22.TINY_VAE22, f22.vae22_official(f22.TINY_VAE22, 1))
     image = torch.randint(0, 256, (40, 72, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))

@@ -10,7 +10,6 @@ is the fp32 vs fp64 timestep sinusoid (as in test_dit_parity.py). Tolerance 1e-4
 """
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ATOL = 1e-4
-TI2V = dataclasses.replace(tiny.TINY_DIT_T2V, in_dim=48, out_dim=48, model_type="ti2v")
+TI2V = tiny.TINY_DIT_TI2V
 
 
 def ours(cfg, sd) -> WanDiT:

@@ -33,7 +33,7 @@ from wan_core.ti2v import FirstFrameRunner
 from wan_core.configs import KNOWN_DIT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TI2V = dataclasses.replace(tiny.TINY_DIT_T2V, in_dim=48, out_dim=48, model_type="ti2v")
+TI2V = tiny.TINY_DIT_TI2V
 TOLERANCE = 1.15
 
 

@@ -2,7 +2,6 @@
 first latent frame pinned to the image latents at timestep 0 (official masks_like / temp_ts)."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from wan_core.ti2v import (FirstFrameRunner, encode_ti2v_image, first_frame_time
 from wan_core.vae22 import WanVAE22
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TI2V = dataclasses.replace(tiny.TINY_DIT_T2V, in_dim=48, out_dim=48, model_type="ti2v")
+TI2V = tiny.TINY_DIT_TI2V
 
 
 @pytest.fixture(scope="module")

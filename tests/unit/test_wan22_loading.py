@@ -95,7 +95,7 @@ def test_a_single_model_folder_is_not_a_pair(tmp_path, experts):
 def test_vae_and_dit_of_different_generations_are_refused(tiny_vae):
     with torch.device("meta"):
         vae22 = WanVAE22(f22.TINY_VAE22)
-    ti2v = dataclasses.replace(tiny.TINY_DIT_T2V, in_dim=48, out_dim=48, model_type="ti2v")
+    ti2v = tiny.TINY_DIT_TI2V
     check_vae_for_dit(ti2v, vae22)
     check_vae_for_dit(tiny.TINY_DIT_T2V, tiny_vae)
     with pytest.raises(CheckpointError, match="needs the Wan 2.2 VAE"):
@@ -115,7 +115,7 @@ def test_generate_refuses_a_wan21_dit_with_the_wan22_vae_before_any_run():
         generate(dit=dit, vae=vae22, text_encoder=object(), prompt="a cat", width=48, height=32, frames=5, steps=2)
 
 
-@pytest.mark.parametrize("cfg", [dataclasses.replace(tiny.TINY_DIT_T2V, in_dim=48, out_dim=48, model_type="ti2v"),
+@pytest.mark.parametrize("cfg", [tiny.TINY_DIT_TI2V,
                                  I2V22])
 def test_wan21_generate_names_the_wan22_entry_point(cfg):
     from wan_core.dit import WanDiT
