@@ -350,7 +350,8 @@ def _call_on(case: str, side: str, model, args: argparse.Namespace):
         if side == "ours":
             return lambda: model.decode(z, normalized=False)
         if side == "official":
-            return lambda: model.decode(z, [0.0, 1.0])   # z / 1 + 0: raw latents, as ours
+            # z / 1 + 0: raw latents, as ours; clamped like its WanVAE.decode wrapper (and ours)
+            return lambda: model.decode(z, [0.0, 1.0]).clamp_(-1.0, 1.0)
         return lambda: model.decode(z).sample
     if case == "vae_encode":
         f, h, w = args.vae_latent

@@ -9,7 +9,8 @@ module can serve several streams at once and a stream can be paused between chun
 Without a cache a layer treats its input as the whole stream from frame 0. Streaming the same
 frames in chunks through a cache gives the same numbers (``tests/unit/test_vae_cache.py``);
 the official code's chunking (encode 1, 4, 4, ... frames; decode one latent frame at a time)
-is what :meth:`WanVAE.encode` and :meth:`WanVAE.decode` use.
+is what :meth:`WanVAE.encode` and :meth:`WanVAE.decode` use. The layers themselves
+(:class:`FeatureCache`, :class:`CausalConv3d`, :class:`RMSNorm`) live in :mod:`wan_core.vae_layers`.
 
 Parameter names are those of the official ``Wan2.1_VAE.pth`` (``encoder.conv1.weight``,
 ``encoder.downsamples.0.residual.0.gamma``, ``conv1.weight``, ``decoder.head.2.bias``, ...).
@@ -22,7 +23,6 @@ work). The only exception is the RMS-norm statistic, reduced in fp32 for 16-bit 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -32,157 +32,16 @@ from torch import Tensor, nn
 
 from .configs import VAE_LATENT_MEAN, VAE_LATENT_STD, VAE_SPACE_STRIDE, VAE_TIME_STRIDE, VAEConfig
 from .errors import NonFiniteError, all_finite, describe_nonfinite_weights
+from .vae_layers import CACHE_T, CausalConv3d, FeatureCache, RMSNorm, conv3d, in_place_ok, norm_silu_conv
 
 if TYPE_CHECKING:
     from .checkpoint import LoadReport
 
-CACHE_T = 2           # frames of history a kernel-3 causal conv needs (official name)
 TIME_STRIDE = VAE_TIME_STRIDE       # pixel frames per latent frame after the first
 SPATIAL_STRIDE = VAE_SPACE_STRIDE
 
 
-# --------------------------------------------------------------------------- feature cache
-
-@dataclass
-class _Slot:
-    """The state of one causal layer: the last input frames it saw (or, for a temporal
-    downsample, the frames its next stride-2 window starts from)."""
-
-    frames: Tensor | None = None
-
-
-class FeatureCache:
-    """Temporal state of one encode or decode stream (the official "feature cache").
-
-    Each causal layer claims one slot per chunk, in the fixed order the network runs; a slot
-    holds at most ``CACHE_T`` frames, so memory does not grow with the video length. Create
-    a new cache per stream (per video, per spatial tile); never share one between the
-    encoder and the decoder. The network calls :meth:`begin_chunk` before every chunk.
-    """
-
-    def __init__(self) -> None:
-        self._slots: list[_Slot] = []
-        self._cursor = 0
-        self._owner: object | None = None
-        self.chunks = 0  # chunks begun so far
-
-    def begin_chunk(self, owner: object | None = None) -> None:
-        """Start the next chunk; ``owner`` is the network running it (the encoder or the
-        decoder), checked so that one cache is never fed to two networks."""
-        if self.chunks and (owner is not self._owner or self._cursor != len(self._slots)):
-            raise RuntimeError(
-                "FeatureCache: this cache was filled by another network or an interrupted "
-                "chunk; a cache belongs to one network and one stream (create a new one)")
-        self._owner = owner
-        self._cursor = 0
-        self.chunks += 1
-
-    def claim(self) -> _Slot:
-        """The next layer's slot in this chunk (created during the first chunk)."""
-        if self.chunks == 0:
-            raise RuntimeError("FeatureCache.claim() before begin_chunk()")
-        if self._cursor == len(self._slots):
-            if self.chunks > 1:
-                raise RuntimeError(
-                    "FeatureCache: more causal layers than in the first chunk; a cache belongs "
-                    "to one network and one stream (create a new one)")
-            self._slots.append(_Slot())
-        slot = self._slots[self._cursor]
-        self._cursor += 1
-        return slot
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the cached frames."""
-        return sum(s.frames.numel() * s.frames.element_size()
-                   for s in self._slots if s.frames is not None)
-
-
-# --------------------------------------------------------------------------- layers
-
-
-def conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...] = (1, 1, 1),
-           padding: tuple[int, ...] = (0, 0, 0)) -> Tensor:
-    """``F.conv3d``, but float32 CPU inputs always take oneDNN.
-
-    For batch 1 PyTorch only picks oneDNN when ``C * T * H > 20480`` and otherwise runs its
-    naive ``slow_conv3d``, which is 1.3-10x slower on the VAE's small-frame convolutions
-    (measured on 2 cores: 96ch 3x64x64 30 ms vs 11 ms). Same maths; results differ only by
-    float summation order (~2e-6 relative).
-    """
-    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        try:
-            return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight, bias, list(padding), list(stride),
-                                                      [1, 1, 1], 1)
-        except (RuntimeError, NotImplementedError):  # a build without it: the generic path below
-            pass
-    return F.conv3d(x, weight, bias, stride=stride, padding=padding)
-
-
-class CausalConv3d(nn.Conv3d):
-    """Conv3d whose temporal padding all goes before frame 0, so output frame t depends only
-    on input frames <= t. ``padding=(p_t, p_h, p_w)`` as in the official layer: the time axis
-    gets ``2 * p_t`` zero frames in front (or cached frames from the previous chunk)."""
-
-    def __init__(self, in_channels: int, out_channels: int,
-                 kernel_size: int | tuple[int, int, int],
-                 stride: int | tuple[int, int, int] = 1,
-                 padding: int | tuple[int, int, int] = 0) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
-        pad_t, pad_h, pad_w = self.padding  # normalised to a tuple by nn.Conv3d
-        self.time_pad = 2 * pad_t
-        self.padding = (0, pad_h, pad_w)  # spatial zero padding stays inside the conv
-        if self.time_pad > CACHE_T:
-            raise ValueError(f"causal padding {self.time_pad} exceeds CACHE_T={CACHE_T}")
-
-    def step(self, x: Tensor, past: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Convolve the next frames ``x [B, C, t, H, W]`` of a stream whose previous input frames
-        end with ``past`` (None or empty: stream start, zero history). Returns the output
-        frames and the new ``past`` (the last ``time_pad`` input frames, a copy)."""
-        known = 0 if past is None else past.shape[2]
-        history = x if known == 0 else torch.cat([past, x], dim=2)
-        padded = history if known == self.time_pad else F.pad(
-            history, (0, 0, 0, 0, self.time_pad - known, 0))
-        keep = history[:, :, max(0, history.shape[2] - self.time_pad):]
-        # clone: a view would keep the whole chunk alive in the cache
-        return conv3d(padded, self.weight, self.bias, self.stride, self.padding), keep.clone()
-
-    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
-        if self.time_pad == 0:
-            return conv3d(x, self.weight, self.bias, self.stride, self.padding)
-        if cache is None:
-            return self.step(x, None)[0]
-        slot = cache.claim()
-        y, slot.frames = self.step(x, slot.frames)
-        return y
-
-
-class RMSNorm(nn.Module):
-    """``x / ||x||_channels * sqrt(C) * gamma`` (official ``RMS_norm``). ``gamma`` is
-    ``(C, 1, 1, 1)`` in residual blocks and ``(C, 1, 1)`` in attention (``images=True``),
-    as stored in the checkpoint; both apply to ``[B, C, T, H, W]``."""
-
-    def __init__(self, dim: int, images: bool = False) -> None:
-        super().__init__()
-        self.scale = dim ** 0.5
-        self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
-
-    def forward(self, x: Tensor) -> Tensor:
-        gamma = self.gamma.view(-1, *([1] * (x.dim() - 2)))
-        if x.dtype in (torch.float32, torch.float64):
-            # sum of squares over the channel planes: 5-15x faster than vector_norm's strided
-            # reduction on [B, C, T, H, W] (CPU, measured: 192ch 6x64x64 52 -> 11 ms) and closer
-            # to the float64 norm (max rel. error 1.6e-7 vs 4.3e-7)
-            squares = x.square()
-            norm = squares.sum(dim=1, keepdim=True).sqrt_()
-        else:
-            # fp32 reduction without an fp32 copy of the activation (16-bit sums lose precision)
-            squares, norm = None, torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
-        # x / n * s * g in that order (bit-identical); CPU, no grad: in the squares' buffer (one fewer)
-        reuse = squares is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
-        y = torch.div(x, norm.clamp_min(1e-12).to(x.dtype), out=squares if reuse else None).mul_(self.scale)
-        return y.mul_(gamma) if gamma.dtype == y.dtype else y * gamma
-
+# --------------------------------------------------------------------------- blocks
 
 class ResidualBlock(nn.Module):
     """``x + residual(x)`` with residual = RMSNorm, SiLU, CConv3, RMSNorm, SiLU, Dropout,
@@ -308,9 +167,29 @@ _STREAMING = (CausalConv3d, ResidualBlock, AttentionBlock, Resample)
 
 
 def _run(layers: Iterable[nn.Module], x: Tensor, cache: FeatureCache | None) -> Tensor:
-    for layer in layers:
+    layers = list(layers)
+    i = 0
+    while i < len(layers):
+        conv_at = _norm_silu_conv_at(layers, i) if in_place_ok(x) else None
+        if conv_at is not None:  # RMSNorm, SiLU[, Dropout(0)], causal conv: one buffer, no concatenation
+            x = norm_silu_conv(layers[i], layers[conv_at], x, cache)
+            i = conv_at + 1
+            continue
+        layer = layers[i]
         x = layer(x, cache) if isinstance(layer, _STREAMING) else layer(x)
+        i += 1
     return x
+
+
+def _norm_silu_conv_at(layers: list[nn.Module], i: int) -> int | None:
+    """Index of the causal conv when ``layers[i:]`` starts with RMSNorm, SiLU, an optional
+    ``Dropout(0.0)`` (the identity) and a :class:`CausalConv3d`; else None."""
+    if not (isinstance(layers[i], RMSNorm) and i + 2 < len(layers) and isinstance(layers[i + 1], nn.SiLU)):
+        return None
+    j = i + 2
+    if isinstance(layers[j], nn.Dropout) and layers[j].p == 0.0 and j + 1 < len(layers):
+        j += 1
+    return j if isinstance(layers[j], CausalConv3d) else None
 
 
 def residual_stage(in_dim: int, out_dim: int, count: int, resample: str | None = None,
