@@ -19,6 +19,7 @@ dtype follows the storage dtype when none is given. The DiT, umT5 and CLIP each 
 """
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,32 @@ from . import fp8
 
 __all__ = ["CastLinear", "COMPUTE_DTYPES", "PrecisionPolicy", "enable_fp8_matmul", "weight_storage"]
 
+_X86 = platform.machine().lower() in ("x86_64", "amd64")   # where linear()'s oneDNN route was measured
+
 # Dtypes a network may compute in; anything else (fp8) is storage only.
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, but float32 CPU operands that record no gradient take oneDNN's matmul.
+
+    PyTorch sends a CPU float32 ``F.linear`` to MKL's sgemm; oneDNN's matmul on the same
+    operands is 5-10 % faster at the DiT's shapes on this machine's AVX-512 cores (1,950 x
+    1536 -> 8960: 308 -> 284 ms; 8960 -> 1536: 283 -> 263 ms; 2 threads). Same maths; results
+    differ only by float summation order (~5e-6 absolute on unit-scale outputs). Products
+    autograd records, GPUs, other dtypes and non-x86 CPUs (not measured) keep ``F.linear``
+    (the op has no backward)."""
+    if (_X86 and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.dim() >= 2 and not _records_grad(x, weight, bias) and torch.backends.mkldnn.is_available()):
+        try:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        except (RuntimeError, NotImplementedError):  # a build without it: the generic path below
+            pass
+    return F.linear(x, weight, bias)
+
+
+def _records_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class CastLinear(nn.Linear):
@@ -47,8 +72,8 @@ class CastLinear(nn.Linear):
                 out = fp8.scaled_mm_linear(x, w, scale, self.bias)
                 if out is not None:
                     return out
-            return F.linear(x, fp8.dequantize(w, scale, x.dtype), bias)
-        return F.linear(x, w.to(x.dtype), bias)
+            return linear(x, fp8.dequantize(w, scale, x.dtype), bias)
+        return linear(x, w.to(x.dtype), bias)
 
 
 def weight_storage(model: nn.Module) -> str:

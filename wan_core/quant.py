@@ -26,10 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import CastLinear
+from .layers import CastLinear, linear
 
 __all__ = ["QuantFormat", "FORMATS", "FLOAT_TYPES", "dequantize", "dequantize_rows", "blocks_finite", "QuantLinear",
            "QuantEmbedding", "is_quantized", "quantized_param_shapes", "quant_stats"]
@@ -262,7 +261,7 @@ class QuantLinear(CastLinear):
     def forward(self, x: Tensor) -> Tensor:
         w = dequantize(self.weight, self.qtype, (self.out_features, self.in_features), x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, bias)
+        return linear(x, w, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, " \

@@ -54,7 +54,8 @@ def _official(dit, text, settings) -> torch.Tensor:
         cond, uncond = dit(xt, t, pos), dit(xt, t, neg)
         return uncond + settings.cfg * (cond - uncond)
 
-    return get_sampler(settings.sampler)(model_fn, x, schedule)[0]
+    with torch.no_grad():   # as the official pipeline runs
+        return get_sampler(settings.sampler)(model_fn, x, schedule)[0]
 
 
 def test_default_guidance_is_bit_identical_to_official_cfg(dit, text) -> None:
