@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .configs import VAE_LATENT_MEAN, VAE_LATENT_STD, VAE_SPACE_STRIDE, VAE_TIME_STRIDE, VAEConfig
 from .errors import NonFiniteError, all_finite, describe_nonfinite_weights
-from .vae_layers import CACHE_T, CausalConv3d, FeatureCache, RMSNorm, conv3d, in_place_ok, norm_silu_conv
+from .vae_layers import CACHE_T, CausalConv3d, FeatureCache, RMSNorm, conv3d, norm_silu_conv
 
 if TYPE_CHECKING:
     from .checkpoint import LoadReport
@@ -170,8 +170,8 @@ def _run(layers: Iterable[nn.Module], x: Tensor, cache: FeatureCache | None) -> 
     layers = list(layers)
     i = 0
     while i < len(layers):
-        conv_at = _norm_silu_conv_at(layers, i) if in_place_ok(x) else None
-        if conv_at is not None:  # RMSNorm, SiLU[, Dropout(0)], causal conv: one buffer, no concatenation
+        conv_at = _norm_silu_conv_at(layers, i)
+        if conv_at is not None:  # RMSNorm, SiLU[, Dropout(0)], causal conv: one buffer where in_place_ok
             x = norm_silu_conv(layers[i], layers[conv_at], x, cache)
             i = conv_at + 1
             continue

@@ -132,15 +132,19 @@ class CausalConv3d(nn.Conv3d):
         nothing, so they are left out instead of convolving zero frames: a third of the work
         and no zero frames (same numbers, ``tests/unit/test_vae_speed_paths.py``)."""
         known = 0 if past is None else past.shape[2]
-        missing = self.time_pad - known
         b, c, t, h, w = like.shape
-        front, tap = (0, missing) if missing and t == 1 else (missing, 0)
+        front, tap = self._layout(known, t)
         buffer = like.new_empty(b, c, front + known + t, h, w)
         if front:
             buffer[:, :, :front].zero_()
         if known:
             buffer[:, :, front:front + known].copy_(past)
         return History(buffer, buffer[:, :, front + known:], front, tap)
+
+    def _layout(self, known: int, t: int) -> tuple[int, int]:
+        """(zero frames in front, first kernel tap) for ``t`` new frames after ``known`` cached ones."""
+        missing = self.time_pad - known
+        return (0, missing) if missing and t == 1 else (missing, 0)
 
     def run(self, history: History) -> tuple[Tensor, Tensor]:
         """Convolve a filled :class:`History`: the output frames and the new ``past`` (the last
@@ -154,8 +158,10 @@ class CausalConv3d(nn.Conv3d):
         """Convolve the next frames ``x [B, C, t, H, W]`` of a stream whose previous input frames
         end with ``past`` (None or empty: stream start, zero history). Returns the output
         frames and the new ``past`` (see :meth:`history` and :meth:`run`)."""
-        if (past is None or past.shape[2] == 0) and x.shape[2] == 1:  # x is the whole input
-            return self.run(History(x, x, 0, self.time_pad))
+        known = 0 if past is None else past.shape[2]
+        front, tap = self._layout(known, x.shape[2])
+        if known == front == 0:  # the input is x itself: no buffer, no copy
+            return self.run(History(x, x, 0, tap))
         history = self.history(past, x)
         history.new.copy_(x)
         return self.run(history)
@@ -213,7 +219,8 @@ def norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: Tensor, cache: FeatureC
     """``conv(silu(norm(x)))`` with the normalised frames written straight into the conv's
     :class:`History` behind the cached frames, so the conv's input is never concatenated
     (a copy of the whole chunk per conv). Same numbers as the layers run one by one; only
-    where :func:`in_place_ok`, else the layers run one by one."""
+    where :func:`in_place_ok`, else the layers run one by one (``Dropout(0)`` between them,
+    the identity, is not called)."""
     if not in_place_ok(x):
         return conv(F.silu(norm(x), inplace=True), cache)
     slot = cache.claim() if cache is not None and conv.time_pad else None
